@@ -1,0 +1,72 @@
+"""The face-analysis protocol shared by every backend.
+
+A backend turns an RGB image into a list of :class:`Face` records, ordered left to right by box centre.
+Embeddings are L2-normalised; keypoints are the 5 ArcFace points in image coordinates, in this order:
+left eye, right eye, nose tip, left mouth corner, right mouth corner ("left" = smaller x in the image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ..errors import InputError, NoFaceError
+
+__all__ = ["Face", "FaceAnalyzer", "sort_left_to_right", "pick_face"]
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face.
+
+    bbox: ``[4]`` float32 ``(x1, y1, x2, y2)`` in pixels. kps: ``[5, 2]`` float32 ArcFace keypoints.
+    score: detector confidence (backend-specific scale). embedding: ``[d]`` float32, unit L2 norm.
+    """
+
+    bbox: np.ndarray
+    kps: np.ndarray
+    score: float
+    embedding: np.ndarray
+
+    @property
+    def area(self) -> float:
+        return float(max(0.0, self.bbox[2] - self.bbox[0]) * max(0.0, self.bbox[3] - self.bbox[1]))
+
+    @property
+    def center_x(self) -> float:
+        return float(self.bbox[0] + self.bbox[2]) / 2.0
+
+
+@runtime_checkable
+class FaceAnalyzer(Protocol):
+    """What every backend provides. ``analyze`` takes ``[H, W, 3]`` uint8 RGB."""
+
+    name: str
+    embedding_dim: int
+
+    def analyze(self, image: np.ndarray) -> list[Face]:
+        """Detect, align and embed every face; return them ordered left to right."""
+        ...
+
+
+def sort_left_to_right(faces: Sequence[Face]) -> list[Face]:
+    """Order faces by box centre x (ties broken by centre y), as every backend must return them."""
+    return sorted(faces, key=lambda f: (f.center_x, float(f.bbox[1] + f.bbox[3]) / 2.0))
+
+
+def pick_face(faces: Sequence[Face], index: int | None = None, *, label: str = "the image") -> Face:
+    """Choose a reference face: the largest one, or ``faces[index]`` (left-to-right order) when given.
+
+    Raises :class:`NoFaceError` when there is none and :class:`InputError` for an index out of range.
+    """
+    if not faces:
+        raise NoFaceError(f"No face found in {label}. Use a sharper, well-lit, frontal photo in which the "
+                          f"face is at least ~80 px wide, or crop the image closer to the face.")
+    if index is None:
+        return max(faces, key=lambda f: f.area)
+    if not -len(faces) <= index < len(faces):
+        raise InputError(f"Face index {index} requested for {label}, but only {len(faces)} face(s) were "
+                         f"found (indices 0..{len(faces) - 1}, left to right). Pick a valid index or leave it "
+                         f"unset to use the largest face.")
+    return faces[index]
