@@ -111,14 +111,14 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
     return samples
 
 
-def _embed_references(samples: list[Sample], analyzer: FaceAnalyzer) -> dict[Path, Face]:
+def _embed_references(samples: list[Sample], analyzer: FaceAnalyzer, progress: bool = True) -> dict[Path, Face]:
     """Embed each distinct reference file once; report every unreadable or faceless reference at once."""
     first_line: dict[Path, int] = {}
     for s in samples:
         for r in s.refs:
             first_line.setdefault(r, s.line)
     faces, problems = {}, []
-    for ref, line in tqdm(first_line.items(), desc="references", unit="img", leave=False):
+    for ref, line in tqdm(first_line.items(), desc="references", unit="img", leave=False, disable=not progress):
         try:
             faces[ref] = pick_face(analyzer.analyze(load_image(ref)), label=f"reference '{ref.name}'")
         except (NoFaceError, ImageReadError) as exc:
@@ -143,7 +143,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
     aesthetic: an :class:`idglow_core.aesthetic.AestheticScorer` or None (the Aes columns are then left out).
     """
     samples = read_manifest(manifest)
-    ref_faces = _embed_references(samples, analyzer)
+    ref_faces = _embed_references(samples, analyzer, progress)
     results = []
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         try:

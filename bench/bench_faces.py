@@ -1,0 +1,95 @@
+"""Face pipeline and batch-evaluation throughput, printed as JSON.
+
+For each available backend: faces/s for detect+align+embed over 100 generated composites (2-3 people each,
+random order, built from the public-domain test photos), and samples/s for ``evaluate_manifest`` on the same
+100 samples (references embedded once per distinct file, each image detected once).
+
+    python bench/bench_faces.py [--n 100] [--insightface-dir DIR] [--provider cpu|cuda]
+
+The insightface backend is measured only when a buffalo_l folder is given (no weights ship with any package).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from idglow_core.evaluate import evaluate_manifest  # noqa: E402
+from idglow_core.faces import load_analyzer  # noqa: E402
+from idglow_core.images import load_image  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+PEOPLE = {"obama": ["obama2", "obama3"], "biden": ["biden"], "astronaut": ["astronaut"]}
+
+
+def build_set(folder: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        who = rng.sample(sorted(PEOPLE), rng.choice([2, 3]))
+        parts = []
+        for person in who:
+            img = Image.open(DATA / f"{rng.choice(PEOPLE[person])}.jpg").convert("RGB")
+            parts.append(ImageOps.mirror(img) if person != "obama" else img)
+        canvas = Image.new("RGB", (sum(p.width for p in parts), 400), (235, 235, 235))
+        x = 0
+        for p in parts:
+            canvas.paste(p, (x, 0))
+            x += p.width
+        canvas.save(folder / f"{i:03d}.jpg", quality=90)
+        refs = [str(DATA / f"{p}.jpg") for p in rng.sample(who, len(who))]
+        lines.append(json.dumps({"refs": refs, "image": f"{i:03d}.jpg", "task": "group", "method": "bench"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.jsonl"
+
+
+def bench_backend(analyzer, manifest: Path, out: Path) -> dict:
+    images = [load_image(p) for p in sorted(manifest.parent.glob("*.jpg"))]
+    analyzer.analyze(images[0])  # warm-up (model load, first-call allocations)
+    t0 = time.perf_counter()
+    faces = sum(len(analyzer.analyze(img)) for img in images)
+    t_detect = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = evaluate_manifest(manifest, out, analyzer, progress=False)
+    t_eval = time.perf_counter() - t0
+    cell = summary["group"]["bench"]["static"]
+    return {"backend": analyzer.name, "images": len(images), "faces_found": faces,
+            "faces_per_s": round(faces / t_detect, 2), "images_per_s": round(len(images) / t_detect, 2),
+            "evaluate_samples_per_s": round(cell["n"] / t_eval, 2), "evaluate_s": round(t_eval, 2),
+            "facesim_strict_mean": round(cell["fs"], 4), "count_ok": round(cell["count_ok"], 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--insightface-dir", default=None)
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    args = ap.parse_args()
+    results = {"machine": {"python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+                           "processor": platform.machine()}, "backends": [], "skipped": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = build_set(Path(tmp), args.n)
+        results["backends"].append(bench_backend(load_analyzer("dlib"), manifest, Path(tmp) / "out_dlib"))
+        if args.insightface_dir:
+            providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if args.provider == "cuda"
+                         else ["CPUExecutionProvider"])
+            analyzer = load_analyzer("insightface", model_dir=args.insightface_dir, providers=providers)
+            results["backends"].append(bench_backend(analyzer, manifest, Path(tmp) / "out_if"))
+        else:
+            results["skipped"]["insightface"] = "no --insightface-dir (buffalo_l weights ship with no package)"
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

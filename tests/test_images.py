@@ -1,0 +1,64 @@
+"""Image reading: every layout a user may hand us becomes [H, W, 3] uint8 RGB, or a typed error."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from idglow_core.errors import ImageReadError, InputError
+from idglow_core.images import load_image, save_image_atomic, to_rgb_uint8
+
+
+def test_rgb_jpeg(data_dir):
+    img = load_image(data_dir / "obama.jpg")
+    assert img.dtype == np.uint8 and img.shape == (400, 320, 3)
+
+
+def test_grayscale_is_replicated(tmp_path):
+    Image.fromarray(np.full((4, 5), 77, np.uint8), "L").save(tmp_path / "g.png")
+    img = load_image(tmp_path / "g.png")
+    assert img.shape == (4, 5, 3) and (img == 77).all()
+
+
+def test_rgba_transparent_pixels_become_white(tmp_path):
+    arr = np.zeros((2, 2, 4), np.uint8)
+    arr[0, 0] = (10, 20, 30, 255)  # opaque pixel kept
+    arr[1, 1] = (10, 20, 30, 0)  # transparent pixel -> white background
+    Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert img[0, 0].tolist() == [10, 20, 30] and img[1, 1].tolist() == [255, 255, 255]
+
+
+def test_16_bit_grayscale_is_scaled(tmp_path):
+    Image.fromarray(np.full((3, 3), 65535, np.uint16)).save(tmp_path / "d.png")
+    assert (load_image(tmp_path / "d.png") == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (6, 2), (0, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").shape == (6, 2, 3)
+
+
+def test_missing_and_non_image_files(tmp_path):
+    with pytest.raises(ImageReadError, match="not found"):
+        load_image(tmp_path / "nope.jpg")
+    (tmp_path / "text.jpg").write_text("hello, not a picture")
+    with pytest.raises(ImageReadError, match="Cannot read"):
+        load_image(tmp_path / "text.jpg")
+    (tmp_path / "trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(ImageReadError):
+        load_image(tmp_path / "trunc.png")
+
+
+def test_to_rgb_uint8_layouts():
+    assert to_rgb_uint8(np.full((2, 2), 1.0)).tolist() == [[[255] * 3] * 2] * 2
+    assert to_rgb_uint8(np.zeros((2, 2, 1), np.uint8)).shape == (2, 2, 3)
+    with pytest.raises(InputError, match="HWC"):
+        to_rgb_uint8(np.zeros((3, 2, 2, 2)))
+
+
+def test_save_image_atomic(tmp_path):
+    out = save_image_atomic(np.full((3, 4, 3), 9, np.uint8), tmp_path / "sub" / "x.png")
+    assert load_image(out).tolist() == np.full((3, 4, 3), 9, np.uint8).tolist()
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]
