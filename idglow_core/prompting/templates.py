@@ -14,7 +14,8 @@ _POSITIONS = {1: ["in the centre"], 2: ["on the left", "on the right"],
               4: ["on the far left", "second from the left", "second from the right", "on the far right"]}
 
 
-def _positions(k: int) -> list[str]:
+def subject_positions(k: int) -> list[str]:
+    """Position words for k subjects, left to right ('on the left', 'in the middle', ...)."""
     if k in _POSITIONS:
         return _POSITIONS[k]
     return [f"at position {i + 1} from the left" for i in range(k)]
@@ -29,7 +30,7 @@ def static_prompt(task: str, k: int) -> str:
     if not isinstance(k, int) or k < 1:
         raise InputError(f"The number of subjects must be a positive integer, got {k!r}. "
                          f"Pass the number of reference portraits.")
-    subjects = "; ".join(f"the person from Picture {i + 1} stands {pos}" for i, pos in enumerate(_positions(k)))
+    subjects = "; ".join(f"the person from Picture {i + 1} stands {pos}" for i, pos in enumerate(subject_positions(k)))
     if task == "group":
         return (f"A natural, photorealistic group photo of {k} {'person' if k == 1 else 'people'} together in one "
                 f"coherent scene: {subjects}. Keep each person's face, hairstyle and skin tone identical to their "
