@@ -6,5 +6,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
-exec python -m idglow_core evaluate --manifest examples/group_set/manifest.jsonl --out out/example_eval \
+exec python -m idglow_core evaluate --manifest demo/group_set/manifest.jsonl --out out/example_eval \
   --backend dlib "$@"

@@ -15,7 +15,7 @@ from idglow_core.evaluate import evaluate_manifest, format_tables, read_manifest
 from idglow_core.faces import load_analyzer
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "group_set" / "manifest.jsonl"
+EXAMPLE = ROOT / "demo" / "group_set" / "manifest.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ Three "methods" stand for three kinds of output:
 - ``composite (one missing)``: one reference has no face in the image;
 - ``composite (impostor)``: one reference is replaced by a different person.
 
-Run from the repository root: ``python examples/build_example_set.py`` (deterministic; the output is committed).
+Run from the repository root: ``python demo/build_example_set.py`` (deterministic; the output is committed).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "tests" / "data"
-OUT = ROOT / "examples" / "group_set"
+OUT = ROOT / "demo" / "group_set"
 H = 400
 
 

@@ -1,0 +1,104 @@
+"""The IdGlow patch for ComfyUI's native Qwen-Image DiT. No ComfyUI import at module level (tests run it bare).
+
+``install_patch(model_patcher, ...)`` clones nothing itself: the caller passes ``model.clone()``. It adds one
+``double_block`` patch (called by ``QwenImageTransformer2DModel`` after every dual-stream block with
+``{"img", "txt", "x", "block_index", "transformer_options"}``) that does, on the target tokens only::
+
+    img[:, :n] += adapter.block_residual(i, img[:, :n], tokens, mask, scale, token_weights)
+    scale[b] = weight * Omega(sigma_b)        sigma = transformer_options["sigmas"] (flow time t, read per call)
+
+``n`` = ``ceil(H/2) * ceil(W/2)`` from the latent ``x``; the reference-latent tokens after them are untouched.
+Because sigma is read at sample time and the schedule is in t units, ModelSampling nodes anywhere in the graph
+do not move the window.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from idglow_core.adapter import IdCondition, IdGlowAdapter
+from idglow_core.errors import IncompatibleAdapterError, InputError
+
+__all__ = ["IdGlowPatch", "target_token_count", "check_adapter_fits", "APPLY_TO"]
+
+log = logging.getLogger("idglow")
+APPLY_TO = ("both", "positive")
+
+
+def target_token_count(x: torch.Tensor) -> int:
+    """Number of target image tokens for a DiT input latent ``x [B, C, (T,) H, W]`` (2x2 patches, padded)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    return ((h + 1) // 2) * ((w + 1) // 2)
+
+
+def check_adapter_fits(adapter: IdGlowAdapter, diffusion_model: Any) -> None:
+    """Raise :class:`IncompatibleAdapterError` when the adapter was made for another DiT width or depth."""
+    blocks = getattr(diffusion_model, "transformer_blocks", None)
+    width = getattr(diffusion_model, "inner_dim", None)
+    if blocks is None or width is None:
+        raise IncompatibleAdapterError(f"The MODEL is a {type(diffusion_model).__name__}, not a Qwen-Image DiT. "
+                                       f"IdGlow adapters patch Qwen-Image(-Edit) models: load one with UNETLoader.")
+    cfg = adapter.config
+    bad = [f"{name}: adapter {a}, model {b}" for name, a, b in
+           (("hidden width", cfg.hidden_dim, int(width)), ("dual-stream blocks", cfg.num_blocks, len(blocks))) if a != b]
+    if bad:
+        raise IncompatibleAdapterError(f"This IdGlow adapter does not fit the model ({'; '.join(bad)}). Use an adapter "
+                                       f"trained for this {cfg.base_family} model size.")
+
+
+class IdGlowPatch:
+    """A ``double_block`` patch object (``__call__``, ``to``, ``models``: the protocol ComfyUI's model patches use).
+
+    adapter_patcher: the ModelPatcher wrapping ``adapter`` (returned by :meth:`models`, so ComfyUI loads and
+    offloads it with the DiT). apply_to: 'both' (every CFG branch, as in training) or 'positive' only.
+    """
+
+    def __init__(self, adapter: IdGlowAdapter, cond: IdCondition, apply_to: str = "both",
+                 adapter_patcher: Any = None):
+        if apply_to not in APPLY_TO:
+            raise InputError(f"apply_to={apply_to!r} must be one of {APPLY_TO}.")
+        self.adapter, self.cond, self.apply_to, self.adapter_patcher = adapter, cond, apply_to, adapter_patcher
+
+    def __deepcopy__(self, memo: dict) -> "IdGlowPatch":
+        return self  # ModelPatcher.clone() deep-copies model_options: share the adapter, never copy it
+
+    def scales(self, transformer_options: dict, batch: int) -> torch.Tensor | None:
+        """``[batch]`` = weight * Omega(sigma) per row of the model batch, or None outside sampling."""
+        sigmas = transformer_options.get("sigmas")
+        if sigmas is None:
+            return None
+        s = self.cond.scale(torch.as_tensor(sigmas).reshape(-1).float().clamp(0.0, 1.0))
+        chunks = list(transformer_options.get("cond_or_uncond") or [0])
+        if s.numel() * len(chunks) == batch:      # sigmas are per latent sample; the batch is chunks of those
+            s = s.repeat(len(chunks))
+        elif s.numel() != batch:
+            s = s.max().expand(batch)
+        if self.apply_to == "positive" and batch % len(chunks) == 0:
+            keep = torch.tensor([c == 0 for c in chunks], dtype=s.dtype, device=s.device)
+            s = s * keep.repeat_interleave(batch // len(chunks))
+        return s
+
+    def __call__(self, kw: dict) -> dict:
+        img = kw["img"]
+        s = self.scales(kw["transformer_options"], img.shape[0])
+        if s is None or not bool((s != 0).any()):
+            return kw  # Omega(t) = 0 or weight 0: the block output stays bit-identical
+        n = min(target_token_count(kw["x"]), img.shape[1])
+        c = self.cond
+        res = self.adapter.block_residual(kw["block_index"], img[:, :n], c.tokens, c.mask, s.to(img.device),
+                                          c.token_weights)
+        kw["img"] = torch.cat([img[:, :n] + res.to(img.device), img[:, n:]], dim=1)
+        return kw
+
+    def to(self, device_or_dtype: Any) -> "IdGlowPatch":
+        """Called by ComfyUI when it moves the model; the ID tokens follow the device (the adapter's dtype is kept)."""
+        if isinstance(device_or_dtype, torch.device):
+            c = self.cond
+            move = (lambda t: None if t is None else t.to(device_or_dtype))
+            self.cond = IdCondition(move(c.tokens), move(c.mask), c.weight, c.schedule, move(c.token_weights))
+        return self
+
+    def models(self) -> list:
+        return [] if self.adapter_patcher is None else [self.adapter_patcher]

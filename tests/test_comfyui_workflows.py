@@ -1,0 +1,109 @@
+"""The shared workflows against a real ComfyUI (``COMFYUI_DIR``; skipped with a printed reason when unset):
+they match what ``workflows/_build.py`` makes from the current schemas, convert to API prompts that pass
+ComfyUI's ``validate_prompt`` except for model/image files this machine lacks, and ComfyUI serves them as the
+pack's templates."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+import comfy_helpers as ch
+
+WORKFLOWS = ["idglow_task1_group_fusion.json", "idglow_task2_age_transform.json", "idglow_score_facesim.json"]
+# Inputs naming files a user supplies (model files, input images): absent here, so these errors are expected.
+FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "adapter_name", "image", "model"}
+FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}  # the latter: LoadImage's "Invalid image file"
+
+
+@pytest.fixture(scope="module")
+def info():
+    ch.boot_comfy()
+    return ch.object_info()
+
+
+def _load(name: str) -> dict:
+    return json.loads((ch.REPO / "workflows" / name).read_text(encoding="utf-8"))
+
+
+def test_committed_workflows_match_the_builder(info):
+    built = ch.workflow_builder().build_all(info)
+    assert sorted(built) == sorted(WORKFLOWS)
+    for name, workflow in built.items():
+        assert _load(name) == json.loads(ch.workflow_builder().dumps(workflow)), (
+            f"workflows/{name} is stale: run `COMFYUI_DIR=... python workflows/_build.py`")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_converts_and_validates_except_missing_files(info, name):
+    workflow = _load(name)
+    prompt, problems = ch.ui_to_api(workflow, info)
+    assert problems == []
+    types = {p["class_type"] for p in prompt.values()}
+    assert {"IdGlowFaceAnalyzerLoader", "IdGlowMultiIDEncode"} <= types
+    if "task" in name:
+        assert {"UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus", "KSampler", "VAEDecode",
+                "SaveImage", "IdGlowApply", "IdGlowSchedule", "IdGlowStaticPrompt", "IdGlowAdapterLoader"} <= types
+        sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+        assert sampler["widgets_values"][:2] == [42, "fixed"]      # seed + the editor's control_after_generate
+        assert not any(p["class_type"] == "IdGlowPromptEnricher" for p in prompt.values())  # muted: not queued
+    ok, errors = ch.validate(prompt)
+    unexpected = {nid: [e for e in errs if not (e[0] in FILE_ERRORS and e[1] in FILE_INPUTS)]
+                  for nid, errs in errors.items()}
+    assert not any(unexpected.values()), unexpected
+    assert any(errors.values()), "expected only the missing model files to fail validation here"
+
+
+def test_static_schedule_and_prompt_wiring(info):
+    task2 = ch.ui_to_api(_load("idglow_task2_age_transform.json"), info)[0]
+    schedule = next(p for p in task2.values() if p["class_type"] == "IdGlowSchedule")["inputs"]
+    assert (schedule["preset"], schedule["lo"], schedule["hi"]) == ("gate", 0.3, 0.6)   # Eq. 5 window
+    static = next(k for k, p in task2.items() if p["class_type"] == "IdGlowStaticPrompt")
+    positive = next(p for p in task2.values() if p["_meta"]["title"] == "Positive")["inputs"]
+    assert positive["prompt"] == [static, 0] and task2[static]["inputs"]["task"] == "age"
+
+
+def test_converter_handles_a_template_saved_by_the_real_editor(info):
+    templates = pytest.importorskip("comfyui_workflow_templates")
+    from importlib.resources import files
+    path = files(templates) / "templates" / "image_qwen_image_edit_2509.json"
+    prompt, problems = ch.ui_to_api(json.loads(path.read_text(encoding="utf-8")), info)
+    assert problems == [] and len(prompt) > 8
+    ok, errors = ch.validate(prompt)
+    assert all(e[0] in FILE_ERRORS and e[1] in FILE_INPUTS | {"lora_name"}
+               for errs in errors.values() for e in errs), errors
+
+
+def test_comfyui_lists_and_serves_the_workflows_as_templates(info):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from app.custom_node_manager import CustomNodeManager
+
+    pack = ch.boot_comfy()["custom_nodes"] / ch.PACK_DIR_NAME
+    app, routes = web.Application(), web.RouteTableDef()
+    CustomNodeManager().add_routes(routes, app, [(ch.PACK_DIR_NAME, str(pack))])
+    app.add_routes(routes)
+
+    async def fetch():
+        async with TestClient(TestServer(app)) as client:
+            listing = await (await client.get("/workflow_templates")).json()
+            served = await client.get(f"/api/workflow_templates/{ch.PACK_DIR_NAME}/{WORKFLOWS[0]}")
+            return listing, served.status, await served.json(content_type=None)
+
+    listing, status, body = asyncio.run(fetch())
+    assert sorted(listing[ch.PACK_DIR_NAME]) == sorted(w[:-5] for w in WORKFLOWS)
+    # ComfyUI serves a pack's templates from the first folder named example_workflows/example/examples/
+    # workflow/workflows; the pack therefore has no other folder with one of those names.
+    assert status == 200 and body == _load(WORKFLOWS[0])
+
+
+def test_nodes_md_is_generated_from_the_current_schemas(info):
+    nodes = ch.pack_submodule("nodes").all_nodes()
+    text = ch.workflow_builder().nodes_markdown(nodes)
+    assert (ch.REPO / "NODES.md").read_text(encoding="utf-8") == text, (
+        "NODES.md is stale: run `COMFYUI_DIR=... python workflows/_build.py`")
+    for cls in nodes:  # every node and every one of its inputs is documented
+        schema = cls.GET_SCHEMA()
+        section = text.split(f"(`{schema.node_id}`)")[1].split("\n## ")[0]
+        assert all(f"| `{i.id}` |" in section for i in schema.inputs), schema.node_id
