@@ -1,0 +1,189 @@
+"""IdGlowPipeline and the generate CLI on the tiny offline Qwen-Image-Edit-Plus stack."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from idglow_core.adapter import IdGlowAdapter
+from idglow_core.errors import IncompatibleAdapterError, InputError, ModelNotFoundError
+from idglow_core.faces.base import Face
+from idglow_core.pipeline import GenerateConfig, IdGlowPipeline, load_edit_pipeline
+from idglow_core.schedules import omega
+from idglow_core.testing import random_embeddings, save_tiny_pipeline, small_edit_images, tiny_edit_pipeline
+
+FAST = dict(steps=4, height=32, width=32, output_type="pt", negative_prompt=None)  # sigmas ~1, .74, .42, .02
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with small_edit_images():
+        yield tiny_edit_pipeline()
+
+
+@pytest.fixture(scope="module")
+def refs():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def _trained(adapter: IdGlowAdapter) -> IdGlowAdapter:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for blk in adapter.blocks:
+            blk.to_out.weight.copy_(torch.randn(blk.to_out.weight.shape, generator=g) * 0.2)
+    return adapter
+
+
+def _base(pipe, refs, cfg: GenerateConfig, prompt: str) -> torch.Tensor:
+    return pipe(image=[Image.fromarray(r) for r in refs], prompt=prompt, negative_prompt=cfg.negative_prompt,
+                true_cfg_scale=cfg.true_cfg_scale, num_inference_steps=cfg.steps, height=cfg.height,
+                width=cfg.width, generator=torch.Generator().manual_seed(cfg.seed), output_type="pt").images
+
+
+def test_init_and_weight_zero_are_bit_identical_to_the_base_pipeline(pipe, refs):
+    emb = random_embeddings(2)
+    with_cfg = {**FAST, "negative_prompt": " "}  # true CFG: two transformer calls per step
+    cfg = GenerateConfig(task="group", **with_cfg)
+    fresh = IdGlowPipeline(pipe, IdGlowAdapter.init_for(pipe.transformer))(refs, cfg, embeddings=emb)
+    base = _base(pipe, refs, cfg, fresh.metadata["prompt"])
+    assert torch.equal(fresh.images, base)
+    trained = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
+    zero = trained(refs, GenerateConfig(task="group", weight=0.0, **with_cfg), embeddings=emb)
+    assert torch.equal(zero.images, base)
+    active = trained(refs, cfg, embeddings=emb)
+    assert (active.images - base).abs().max() > 1e-4
+    again = trained(refs, cfg, embeddings=emb)
+    assert torch.equal(again.images, active.images)                     # seedable
+    other = trained(refs, GenerateConfig(task="group", seed=1, **with_cfg), embeddings=emb)
+    assert not torch.equal(other.images, active.images)
+
+
+@pytest.mark.parametrize("task,schedule", [("age", None), ("group", None), ("group", "smooth_gate")])
+def test_injection_happens_exactly_where_the_schedule_is_nonzero(pipe, refs, task, schedule):
+    ip = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
+    events: list = []
+    original = ip.adapter.block_residual
+
+    def recording(block_index, img, tokens, mask, scale, token_weights=None):
+        events.append(("inject", block_index, scale.clone()))
+        return original(block_index, img, tokens, mask, scale, token_weights)
+
+    ip.adapter.block_residual = recording
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: events.append(("step", float(kw["timestep"][0]))), with_kwargs=True)
+    try:
+        result = ip(refs, GenerateConfig(task=task, weight=0.8, schedule=schedule, **FAST),
+                    embeddings=random_embeddings(2))
+    finally:
+        hook.remove()
+    sched = result.metadata["schedule"]
+    steps: list[tuple[float, list]] = []
+    for e in events:
+        if e[0] == "step":
+            steps.append((e[1], []))
+        else:
+            steps[-1][1].append(e)
+    ts = [t for t, _ in steps]
+    assert len(steps) == 4
+    want = [omega(sched["name"], t, **sched["params"]) for t in ts]
+    assert any(w == 0 for w in want) and any(w > 0 for w in want), ts   # the test covers both cases
+    for (t, injections), w in zip(steps, want):
+        if w == 0:
+            assert injections == [], t
+        else:
+            assert [i[1] for i in injections] == [0, 1], t                 # every block, once
+            assert all(torch.allclose(i[2], torch.tensor([0.8 * w])) for i in injections), t
+    if task == "age" and schedule is None:
+        assert all((0.3 <= t <= 0.6) == bool(inj) for t, inj in steps)
+
+
+def test_metadata_and_per_identity_weights(pipe, refs):
+    ip = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
+    cfg = GenerateConfig(task="age", id_weights=[1.0, 0.5], **FAST)
+    r = ip(refs, cfg, embeddings=random_embeddings(2))
+    assert r.metadata["schedule"] == {"name": "gate", "params": {"lo": 0.3, "hi": 0.6}}
+    assert r.metadata["id_weights"] == [1.0, 0.5] and r.metadata["task"] == "age"
+    assert "as young children" in r.metadata["prompt"] and "Picture 2" in r.metadata["prompt"]
+    same = ip(refs, GenerateConfig(task="age", **FAST), embeddings=random_embeddings(2))
+    assert not torch.equal(r.images, same.images)
+    with pytest.raises(InputError, match="one weight per reference"):
+        ip(refs, GenerateConfig(id_weights=[1.0], **FAST), embeddings=random_embeddings(2))
+    with pytest.raises(InputError, match="at most 4"):
+        ip(refs * 3, GenerateConfig(**FAST), embeddings=random_embeddings(6))
+    with pytest.raises(IncompatibleAdapterError, match="dlib backend gives 128-d"):
+        ip(refs, GenerateConfig(**FAST), embeddings=random_embeddings(2, dim=128))
+    with pytest.raises(InputError, match="No face analyzer"):
+        ip(refs, GenerateConfig(**FAST))
+
+
+class FakeAnalyzer:
+    """A face backend stand-in: one face per image, embedding from the image's mean colour."""
+
+    name, embedding_dim = "fake", 512
+
+    def analyze(self, image):
+        e = np.full(512, float(image.mean()) + 1.0, dtype=np.float32)
+        return [Face(np.array([1, 2, 30, 35], np.float32), np.zeros((5, 2), np.float32), 0.9, e / np.linalg.norm(e))]
+
+
+def test_faces_come_from_the_analyzer_and_dims_are_checked(pipe, refs):
+    ip = IdGlowPipeline(pipe, IdGlowAdapter.init_for(pipe.transformer), analyzer=FakeAnalyzer())
+    r = ip(refs, GenerateConfig(**FAST))
+    assert r.metadata["faces"] == [{"source": "fake", "bbox": [1.0, 2.0, 30.0, 35.0], "score": 0.9}] * 2
+    small = FakeAnalyzer()
+    small.name, small.embedding_dim = "dlib", 128
+    with pytest.raises(IncompatibleAdapterError, match="'dlib' face backend gives 128-d"):
+        IdGlowPipeline(pipe, IdGlowAdapter.init_for(pipe.transformer), analyzer=small)(refs, GenerateConfig(**FAST))
+
+
+def test_loading_errors_are_typed(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="model_index.json missing"):
+        load_edit_pipeline(tmp_path / "nothing")
+    with pytest.raises(ModelNotFoundError, match="offline"):  # HF_HUB_OFFLINE=1 (conftest): never downloads
+        load_edit_pipeline("idglow-test/not-a-cached-model")
+    with pytest.raises(ModelNotFoundError):
+        IdGlowPipeline.from_pretrained(tmp_path, tmp_path / "missing.safetensors")
+
+
+def test_cli_generate_from_saved_folders(pipe, refs, tmp_path):
+    from idglow_core.cli import main
+
+    model = save_tiny_pipeline(pipe, tmp_path / "model")
+    adapter = _trained(IdGlowAdapter.init_for(pipe.transformer)).save(tmp_path / "idglow.safetensors")
+    paths = []
+    for i, r in enumerate(refs):
+        paths.append(tmp_path / f"ref{i}.png")
+        Image.fromarray(r).save(paths[-1])
+    np.save(tmp_path / "emb.npy", random_embeddings(2).numpy())
+    out = tmp_path / "out" / "group.png"
+    with small_edit_images():
+        rc = main(["generate", "--model", str(model), "--adapter", str(adapter), "--refs", *map(str, paths),
+                   "--task", "age", "--out", str(out), "--seed", "3", "--steps", "2", "--height", "32",
+                   "--width", "32", "--embeddings", str(tmp_path / "emb.npy"), "--device", "cpu"])
+    assert rc == 0
+    assert Image.open(out).size == (32, 32)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["schedule"]["name"] == "gate" and meta["seed"] == 3 and meta["steps"] == 2
+    assert meta["refs"] == [str(p) for p in paths]
+    rc = main(["generate", "--model", str(tmp_path / "absent"), "--adapter", str(adapter), "--refs", str(paths[0]),
+               "--out", str(out), "--embeddings", str(tmp_path / "emb.npy")])
+    assert rc == 2  # a typed error becomes exit code 2 with the message on stderr
+
+
+def test_real_photos_through_the_dlib_backend(pipe, data_dir):
+    pytest.importorskip("dlib")
+    from idglow_core.faces import load_analyzer
+
+    adapter = _trained(IdGlowAdapter.init_for(pipe.transformer, id_dim=128))  # an adapter trained on dlib
+    ip = IdGlowPipeline(pipe, adapter, analyzer=load_analyzer("dlib"))
+    photos = [data_dir / "obama.jpg", data_dir / "biden.jpg"]
+    r = ip(photos, GenerateConfig(task="group", **FAST))
+    assert [f["source"] for f in r.metadata["faces"]] == ["dlib", "dlib"]
+    x1, y1, x2, y2 = r.metadata["faces"][0]["bbox"]
+    assert 40 < x2 - x1 < 200 and 40 < y2 - y1 < 200   # a face-sized box on the 400 px photo
+    off = ip(photos, GenerateConfig(task="group", weight=0.0, **FAST))
+    assert not torch.equal(r.images, off.images)       # the detected identities reach the model
