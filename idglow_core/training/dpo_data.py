@@ -1,0 +1,237 @@
+"""DPO training data: the pair manifest, its validation, encoding, batching, and a synthetic pair set.
+
+One line per preference pair, paths relative to the manifest's folder (what
+``idglow_core.preference.review.apply_decisions`` writes; extra keys are ignored)::
+
+    {"chosen": "real.jpg", "rejected": "gen_3.png", "refs": ["a.jpg", "b.jpg"], "prompt": "...", "task": "group"}
+
+:func:`read_pair_manifest` checks every line before training starts: malformed JSON, missing keys, missing
+or unreadable images, references without a detectable face, chosen and rejected that would encode to
+different latent sizes (the pair shares one noise tensor), all listed with line numbers in one
+:class:`~idglow_core.errors.ManifestError`.
+
+Encoded pair (CPU, no batch dim): every key of an SFT sample for the *chosen* image (``latents``,
+``ref_latents.j``, ``prompt_embeds``, ``prompt_mask``, ``id_embeds``; see ``encode.py``) plus
+``latents_rejected [C, 1, h, w]``. So SFT's ``collate`` and the FaceSim validator read pairs unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, ImageReadError, ManifestError
+from ..faces.base import Face, FaceAnalyzer, pick_face
+from ..images import load_image
+from ..schedules import TASK_SCHEDULES
+from .data import Sample, fit_area
+
+__all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
+           "encode_pairs"]
+
+log = logging.getLogger("idglow")
+_MAX_LISTED = 50
+
+
+@dataclass
+class PairSample:
+    """One validated manifest line. ``ref_faces[j]`` is the chosen (largest) face of ``refs[j]``."""
+
+    line: int
+    chosen: Path
+    rejected: Path
+    refs: list[Path]
+    prompt: str
+    task: str
+    ref_faces: list[Face] = field(default_factory=list)
+
+    def as_sample(self) -> Sample:
+        """The chosen side as an SFT :class:`Sample` (what the shared encoder reads)."""
+        return Sample(line=self.line, target=self.chosen, refs=self.refs, prompt=self.prompt, task=self.task,
+                      ref_faces=self.ref_faces)
+
+
+def _parse_line(raw: str, lineno: int, root: Path, problems: list[str]) -> PairSample | None:
+    try:
+        item = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        problems.append(f"line {lineno}: not valid JSON ({exc.msg})")
+        return None
+    if not isinstance(item, dict):
+        problems.append(f"line {lineno}: expected a JSON object, got {type(item).__name__}")
+        return None
+    refs, prompt, task = item.get("refs"), item.get("prompt", ""), item.get("task", "group")
+    bad = [f"'{key}' must be an image path" for key in ("chosen", "rejected")
+           if not isinstance(item.get(key), str) or not item.get(key)]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r for r in refs):
+        bad.append("'refs' must be a non-empty list of image paths")
+    if not isinstance(prompt, str):
+        bad.append("'prompt' must be a string")
+    if task not in TASK_SCHEDULES:
+        bad.append(f"'task' must be one of {sorted(TASK_SCHEDULES)}, got {task!r}")
+    if not bad and item["chosen"] == item["rejected"]:
+        bad.append("'chosen' and 'rejected' are the same file")
+    if bad:
+        problems.append(f"line {lineno}: " + "; ".join(bad))
+        return None
+    return PairSample(line=lineno, chosen=root / item["chosen"], rejected=root / item["rejected"],
+                      refs=[root / r for r in refs], prompt=prompt, task=task)
+
+
+def _check_pair(pair: PairSample, analyzer: FaceAnalyzer | None, resolution: int | None,
+                problems: list[str]) -> None:
+    sizes = {}
+    for side in ("chosen", "rejected"):
+        try:
+            image = load_image(getattr(pair, side))
+        except ImageReadError as exc:
+            problems.append(f"line {pair.line}: {side} {exc}")
+            continue
+        if resolution:
+            sizes[side] = fit_area(image, resolution * resolution).shape[:2]
+    if len(sizes) == 2 and sizes["chosen"] != sizes["rejected"]:
+        (hc, wc), (hr, wr) = sizes["chosen"], sizes["rejected"]
+        problems.append(f"line {pair.line}: chosen and rejected have different aspect ratios ({wc}x{hc} vs "
+                        f"{wr}x{hr} px at data.resolution={resolution}); a pair shares one noise tensor, so crop "
+                        f"the rejected image to the chosen one's aspect ratio")
+    for j, ref in enumerate(pair.refs):
+        try:
+            image = load_image(ref)
+        except ImageReadError as exc:
+            problems.append(f"line {pair.line}: reference {j + 1} {exc}")
+            continue
+        if analyzer is None:
+            continue
+        faces = analyzer.analyze(image)
+        if not faces:
+            problems.append(f"line {pair.line}: no face found in reference {j + 1} '{ref}'")
+        else:
+            pair.ref_faces.append(pick_face(faces))
+
+
+def read_pair_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *, max_ids: int | None = None,
+                       resolution: int | None = None) -> list[PairSample]:
+    """Parse and validate a DPO manifest; return one :class:`PairSample` per line (blank lines skipped).
+
+    With ``analyzer`` every reference must hold a face; ``max_ids`` caps references per pair; with
+    ``resolution`` chosen and rejected must fit to the same size. Raises :class:`ManifestError` listing every
+    problem with its line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"DPO manifest not found: '{path}'. Set data.manifest to a JSONL file with one "
+                            f"{{\"chosen\", \"rejected\", \"refs\", \"prompt\", \"task\"}} object per line "
+                            f"(train/make_pairs.py writes one).")
+    problems: list[str] = []
+    pairs = []
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        pair = _parse_line(raw, lineno, path.parent, problems)
+        if pair is None:
+            continue
+        if max_ids is not None and len(pair.refs) > max_ids:
+            problems.append(f"line {lineno}: {len(pair.refs)} references, but the adapter takes at most "
+                            f"{max_ids} (model.max_ids)")
+        _check_pair(pair, analyzer, resolution, problems)
+        pairs.append(pair)
+    if not pairs and not problems:
+        problems.append("the manifest has no pairs")
+    if problems:
+        shown = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ManifestError(f"DPO manifest '{path}' has {len(problems)} problem(s); fix them and rerun "
+                            f"(paths are relative to the manifest's folder):\n  {shown}{more}")
+    log.info("DPO manifest %s: %d pairs validated", path, len(pairs))
+    return pairs
+
+
+def write_synthetic_pairs(folder: str | Path, n: int, photos: Sequence[str | Path], *, task: str = "group",
+                          size: int = 128) -> Path:
+    """Write ``n`` synthetic preference pairs for smoke runs and return the manifest path.
+
+    The chosen image of pair i is the synthetic SFT group photo (two portraits side by side, see
+    ``data.write_synthetic_manifest``); the rejected one is the same photo degraded as in §3.4 (noise
+    injection for even i, saturation for odd i). Deterministic.
+    """
+    from ..preference.perturb import Perturbation
+    from .data import write_synthetic_manifest
+
+    folder = Path(folder)
+    sft = write_synthetic_manifest(folder, n, photos, task=task, size=size)
+    lines = []
+    for i, raw in enumerate(sft.read_text(encoding="utf-8").splitlines()):
+        item = json.loads(raw)
+        damage = Perturbation("noise", 0.15, seed=i) if i % 2 == 0 else Perturbation("saturation", 0.2, seed=i)
+        rejected = f"rejected_{i}.png"
+        Image.fromarray(damage.apply(load_image(folder / item["target"]))).save(folder / rejected)
+        lines.append(json.dumps({"chosen": item["target"], "rejected": rejected, "refs": item["refs"],
+                                 "prompt": item["prompt"], "task": task, "rejected_params": damage.to_dict()}))
+    sft.unlink()  # the SFT manifest is not a DPO manifest: keep one manifest in the folder
+    manifest = folder / "pairs.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+class PairEncoder:
+    """Encodes pairs: the chosen side (with refs and prompt) through the shared SFT ``SampleEncoder``, the
+    rejected image through the same VAE path, each cached on disk when ``cache_dir`` is set."""
+
+    def __init__(self, sample_encoder, resolution: int):
+        self.samples, self.resolution = sample_encoder, resolution
+
+    def _rejected(self, path: Path) -> torch.Tensor:
+        cache = self.samples.cache_dir
+        key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
+        file = cache / f"rejected-{key.hexdigest()[:32]}.safetensors" if cache else None
+        if file is not None and file.is_file():
+            from safetensors.torch import load_file
+            return load_file(str(file))["latents"]
+        lat = self.samples._latents(fit_area(load_image(path), self.resolution * self.resolution))
+        if file is not None:
+            from safetensors.torch import save_file
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp")
+            save_file({"latents": lat.contiguous()}, str(tmp))
+            tmp.replace(file)
+        return lat
+
+    def __call__(self, index: int, pair: PairSample) -> dict[str, torch.Tensor]:
+        out = dict(self.samples(index, pair.as_sample()))
+        out["latents_rejected"] = self._rejected(pair.rejected)
+        if out["latents_rejected"].shape != out["latents"].shape:
+            raise ManifestError(f"line {pair.line}: chosen latents {tuple(out['latents'].shape)} and rejected "
+                                f"latents {tuple(out['latents_rejected'].shape)} differ; give both images the "
+                                f"same aspect ratio.")
+        return out
+
+
+def encode_pairs(cfg, pipe, pairs: Sequence[PairSample]) -> list[dict[str, torch.Tensor]]:
+    """Encode every pair of a run (``cfg``: a TrainConfig); sizes and cache as for SFT."""
+    from .encode import SampleEncoder, pipeline_areas
+
+    default_cond, default_ref = pipeline_areas()
+    areas = (cfg.data.condition_area or default_cond, cfg.data.ref_area or default_ref)
+    encoder = SampleEncoder(pipe, None, cfg.data.resolution, cfg.data.cache_dir,
+                            model_tag=cfg.model.pretrained or f"tiny-{cfg.run.seed}", areas=areas)
+    pair_encoder = PairEncoder(encoder, cfg.data.resolution)
+    return [pair_encoder(i, p) for i, p in enumerate(pairs)]
+
+
+def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """SFT ``collate`` of the chosen side plus ``latents_rejected [B, C, 1, h, w]``."""
+    from .encode import collate
+
+    if any("latents_rejected" not in it for it in items):
+        raise ConfigError("collate_pairs got an item without 'latents_rejected': encode DPO data with "
+                          "encode_pairs, not the SFT encoder.")
+    batch = collate(items)
+    batch["latents_rejected"] = torch.stack([it["latents_rejected"] for it in items])
+    return batch

@@ -1,0 +1,172 @@
+"""SFT with dynamic identity-loss modulation (paper §3.3, Algorithm 1).
+
+    L = ||v - (eps - z0)||^2 + Omega(t) * lambda_base * L_ID(decode(z_t - t v), refs)          # Eq. 1
+
+The ID loss (Eq. 2-3) runs only for samples whose ``Omega(t) * lambda_base`` is non-zero: the others skip the
+VAE decode entirely. ``--task group`` uses anneal (Eq. 4), ``--task age`` gate (Eq. 5); ``loss.schedule``
+overrides (``constant`` is the "constant ID loss" ablation), ``loss.id_weight=0`` the "w/o ID loss" one.
+
+    from idglow_core.training import load_config, run_sft
+    result = run_sft(load_config("train/configs/tiny_cpu.yaml"))
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate.utils import set_seed
+
+from ..losses import add_noise, flow_loss, one_step_estimate, sample_timesteps, sft_objective, velocity_target
+from .config import LossConfig, TrainConfig
+from .identity import IdentityLoss, analyzer_detector, tiny_arcface
+from .loop import LoopParts, LoopResult, StepOutput, make_accelerator, prepare_run, run_loop
+
+__all__ = ["SFTStep", "run_sft", "vae_decoder", "build_identity_loss"]
+
+log = logging.getLogger("idglow")
+REPO_PHOTOS = ("obama.jpg", "biden.jpg", "obama2.jpg", "obama3.jpg")
+
+
+def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised latents ``[b, C, 1, h, w]`` -> RGB ``[b, 3, H, W]`` in [0, 1], differentiable (VAE frozen)."""
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        c = vae.config
+        mean = torch.tensor(c.latents_mean, device=z.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(c.latents_std, device=z.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
+        x = vae.decode(z.to(vae.dtype) * std + mean, return_dict=False)[0][:, :, 0]
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return decode
+
+
+class SFTStep:
+    """One SFT micro-step: ``(module, batch, generator) -> StepOutput`` for :func:`run_loop`.
+
+    ``decode``: latents -> [0, 1] images (needed when the ID loss is on); ``identity``: the Eq. 3 loss or None.
+    """
+
+    def __init__(self, loss: LossConfig, decode: Callable[[torch.Tensor], torch.Tensor] | None,
+                 identity: IdentityLoss | None):
+        self.cfg, self.decode, self.identity = loss, decode, identity
+        self.omega = loss.omega
+        self.counts = {"samples": 0, "id_loss_ran": 0, "images_without_face": 0, "refs_missing": 0}
+
+    def _draw(self, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        t = sample_timesteps(z0.shape[0], scheme=c.timestep_scheme, logit_mean=c.logit_mean,
+                             logit_std=c.logit_std, shift=c.timestep_shift, generator=generator)
+        eps = torch.randn(z0.shape, generator=generator)
+        return t.to(z0.device), eps.to(device=z0.device, dtype=z0.dtype)
+
+    def __call__(self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
+        device = next(module.parameters()).device
+        z0 = batch["latents"].to(device)
+        t, eps = self._draw(z0, generator)                            # Algorithm 1 line 3
+        z_t = add_noise(z0, eps, t)                                    # line 4
+        v = module(z_t, t, [r.to(device) for r in batch["ref_latents"]], batch["prompt_embeds"].to(device),
+                   batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device))
+        flow = flow_loss(v, velocity_target(z0, eps))                  # line 6, Eq. 1 first term, [B]
+        omega = self.omega(t.float()) * torch.ones_like(flow)          # lines 7-12, Eq. 4/5
+        active = (omega * self.cfg.id_weight) != 0
+        id_per = torch.zeros_like(flow)
+        logs: dict[str, Any] = {"loss/flow": flow.mean().item(), "omega/mean": omega.mean().item(),
+                                "id_loss/active_frac": active.float().mean().item()}
+        if self.identity is not None and bool(active.any()):
+            idx = active.nonzero().flatten()
+            z0_hat = one_step_estimate(z_t[idx], v[idx], t[idx])         # line 13
+            res = self.identity(self.decode(z0_hat), [batch["ref_face_embeds"][i] for i in idx.tolist()])  # line 14
+            id_per = id_per.index_put((idx,), res.loss.to(id_per.dtype))
+            values = res.loss.detach().float().tolist()
+            logs["loss/id"] = values
+            for ti, value in zip(t[idx].tolist(), values):
+                logs.setdefault(f"loss/id/t_bin_{min(int(ti * 10), 9)}", []).append(value)
+            logs["faces/missing_frac"] = [1.0] * sum(res.missing) + [0.0] * (sum(res.refs) - sum(res.missing))
+            self.counts["id_loss_ran"] += len(values)
+            self.counts["images_without_face"] += sum(1 for f in res.faces if f == 0)
+            self.counts["refs_missing"] += sum(res.missing)
+        self.counts["samples"] += flow.shape[0]
+        loss = sft_objective(flow, omega, id_per, self.cfg.id_weight)  # line 15, Eq. 1
+        return StepOutput(loss=loss, logs=logs)
+
+
+def _default_photos() -> list[Path]:
+    root = Path(__file__).resolve().parents[2] / "tests" / "data"
+    return [root / name for name in REPO_PHOTOS if (root / name).is_file()]
+
+
+def build_identity_loss(cfg: TrainConfig, analyzer, detector=None, arcface=None) -> IdentityLoss | None:
+    """The Eq. 3 loss for this run, or None when ``loss.id_weight == 0``. ``model.arcface_onnx``: a
+    w600k_r50.onnx path, ``tiny`` (random stand-in, smoke runs), or empty = the insightface model folder."""
+    if cfg.loss.id_weight == 0 and arcface is None:
+        return None
+    if arcface is None:
+        source = cfg.model.arcface_onnx
+        if source == "tiny":
+            arcface = tiny_arcface()
+        else:
+            from ..errors import ModelNotFoundError
+            from ..faces.arcface import ArcFace
+            if not source:
+                folder = getattr(analyzer, "folder", None)  # InsightFaceAnalyzer: the buffalo_l folder
+                source = str(Path(folder) / "w600k_r50.onnx") if folder else ""
+            if not source or not Path(source).is_file():
+                raise ModelNotFoundError(f"The ID loss needs ArcFace weights: set model.arcface_onnx to "
+                                         f"w600k_r50.onnx (buffalo_l), use 'tiny' for a smoke run, or set "
+                                         f"loss.id_weight=0. Looked for '{source}'.")
+            arcface = ArcFace.from_onnx(source)
+    return IdentityLoss(detector or analyzer_detector(analyzer), arcface, cfg.loss.missing_face_value)
+
+
+def _manifest(cfg: TrainConfig, acc) -> Path:
+    if cfg.data.manifest:
+        return Path(cfg.data.manifest)
+    from .data import write_synthetic_manifest
+
+    folder = Path(cfg.run.output_dir) / "synthetic"
+    if acc.is_main_process:
+        photos = cfg.data.synthetic_photos or _default_photos()
+        write_synthetic_manifest(folder, cfg.data.synthetic, photos, task=cfg.loss.task,
+                                 size=max(160, cfg.data.resolution))
+    acc.wait_for_everyone()
+    return folder / "manifest.jsonl"
+
+
+def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, accelerator=None) -> LoopResult:
+    """Validate data, build models, train, checkpoint and export. Injectable for tests: ``analyzer`` (face
+    analyzer for references), ``detector`` (keypoints on decoded images), ``arcface`` (ID-loss encoder)."""
+    from ..faces import load_analyzer
+    from .data import read_manifest
+    from .encode import collate, encode_samples
+    from .export import export_weights
+    from .models import build_pipeline, build_train_module
+
+    acc = accelerator or make_accelerator(cfg)
+    resume_from = prepare_run(cfg, acc)
+    analyzer = analyzer or load_analyzer(cfg.model.face_backend, model_dir=cfg.model.face_model_dir or None)
+    samples = read_manifest(_manifest(cfg, acc), analyzer, max_ids=cfg.model.max_ids)
+    identity = build_identity_loss(cfg, analyzer, detector, arcface)
+    pipe = build_pipeline(cfg)
+    pipe.to(acc.device)
+    encoded = encode_samples(cfg, pipe, samples, identity)
+    pipe.text_encoder = None  # no longer needed: prompts are encoded
+    if identity is not None:
+        identity.arcface.to(acc.device)
+    set_seed(cfg.run.seed)  # same adapter / LoRA initialisation on every rank and in every rerun
+    module = build_train_module(cfg, pipe, id_dim=int(encoded[0]["id_embeds"].shape[1]))
+    step = SFTStep(cfg.loss, vae_decoder(pipe.vae), identity)
+    meta = {"task": cfg.loss.task, "trained_steps": str(cfg.optim.max_steps), "trainer": "idglow-sft"}
+    validator = None
+    if cfg.run.validate_every:
+        from .validate import FaceSimValidator
+        validator = FaceSimValidator(encoded[: cfg.run.validate_samples], collate, vae_decoder(pipe.vae), analyzer,
+                                     steps=cfg.run.validate_steps, seed=cfg.run.seed)
+    parts = LoopParts(module=module, samples=encoded, collate=collate, step_fn=step,
+                      export=lambda m, folder, state: export_weights(m, folder, cfg.run.train, meta, state),
+                      validate=validator)
+    result = run_loop(cfg, parts, resume_from=resume_from, accelerator=acc)
+    c = step.counts
+    log.info("ID loss ran on %d of %d samples (this process); %d decoded estimates had no face, %d references "
+             "unmatched (each counted as %.2f)", c["id_loss_ran"], c["samples"], c["images_without_face"],
+             c["refs_missing"], cfg.loss.missing_face_value)
+    return result
