@@ -1,13 +1,11 @@
 """The IdGlow ComfyUI node pack (V3 schema API). Imported by ComfyUI through the repository's ``__init__.py``.
 
 Node classes live in ``face_nodes``, ``schedule_nodes``, ``model_nodes`` and ``score_nodes``; the ComfyUI-free
-logic they call is in the ``_*.py`` modules (tested without ComfyUI). ``vlm.py`` adds the prompt-enricher nodes
-when its dependencies import.
+logic they call is in the ``_*.py`` modules (tested without ComfyUI); ``vlm.py`` holds the prompt-enricher nodes.
 """
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 
@@ -26,8 +24,7 @@ from .face_nodes import IdGlowFaceAnalyzerLoader, IdGlowFaceSim, IdGlowMultiIDEn
 from .model_nodes import IdGlowAdapterLoader, IdGlowApply, IdGlowApplyAdvanced  # noqa: E402
 from .schedule_nodes import IdGlowSchedule, IdGlowStaticPrompt  # noqa: E402
 from .score_nodes import IdGlowAestheticScore  # noqa: E402
-
-log = logging.getLogger("idglow")
+from .vlm import NODES as VLM_NODES  # noqa: E402
 
 NODES: list[type[io.ComfyNode]] = [
     IdGlowFaceAnalyzerLoader, IdGlowMultiIDEncode, IdGlowAdapterLoader, IdGlowSchedule, IdGlowApply,
@@ -35,24 +32,9 @@ NODES: list[type[io.ComfyNode]] = [
 ]
 
 
-def _optional_nodes() -> list[type[io.ComfyNode]]:
-    """The VLM prompt-enricher nodes, when ``nodes/vlm.py`` exists and imports (it needs transformers)."""
-    try:
-        from .vlm import NODES as vlm_nodes
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.vlm":
-            return []
-        log.warning("IdGlow: VLM prompt nodes are not available (%s); the other nodes work.", exc)
-        return []
-    except ImportError as exc:
-        log.warning("IdGlow: VLM prompt nodes are not available (%s); the other nodes work.", exc)
-        return []
-    return list(vlm_nodes)
-
-
 def all_nodes() -> list[type[io.ComfyNode]]:
     """Every node class of the pack, in menu order."""
-    return NODES + _optional_nodes()
+    return NODES + VLM_NODES
 
 
 class IdGlowExtension(ComfyExtension):
