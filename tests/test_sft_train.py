@@ -145,7 +145,10 @@ def test_full_finetune_updates_the_dit_and_exports_shards(tmp_path, cache_dir):
     result = run_sft(cfg, analyzer=StubAnalyzer())
     tr = result.module.transformer
     frozen = {k for k, p in tr.named_parameters() if not p.requires_grad}
-    assert frozen and all(".txt_mlp." in k or ".to_add_out." in k for k in frozen)
+    last = f"transformer_blocks.{len(tr.transformer_blocks) - 1}."
+    dead = (".txt_mlp.", ".to_add_out.", ".add_q_proj.", ".norm_added_q.")
+    assert frozen and all(k.startswith(last) and any(d in k for d in dead) for k in frozen)
+    assert {d for d in dead if any(d in k for k in frozen)} == set(dead)
     folder = result.final_dir / "transformer"
     assert list(folder.glob("*.safetensors"))
     reloaded = QwenImageTransformer2DModel.from_pretrained(str(folder))

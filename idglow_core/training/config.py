@@ -165,7 +165,7 @@ _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, 
                   "run": RunConfig}
 
 
-def _coerce(where: str, kind: str, value: Any) -> Any:
+def coerce_value(where: str, kind: str, value: Any) -> Any:
     """YAML reads ``5e-5`` as a string and ``1`` as an int: convert to the field's declared type."""
     try:
         if kind == "float" and not isinstance(value, bool):
@@ -189,7 +189,7 @@ def _build(section: str, values: dict[str, Any]):
     unknown = sorted(set(values) - set(kinds))
     if unknown:
         raise ConfigError(f"Unknown key(s) {unknown} in section '{section}'. Known keys: {sorted(kinds)}.")
-    values = {k: _coerce(f"{section}.{k}", kinds[k], v) for k, v in values.items()}
+    values = {k: coerce_value(f"{section}.{k}", kinds[k], v) for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as exc:  # pragma: no cover - guarded by the key check above

@@ -194,7 +194,7 @@ class PairEncoder:
         if file is not None and file.is_file():
             from safetensors.torch import load_file
             return load_file(str(file))["latents"]
-        lat = self.samples._latents(fit_area(load_image(path), self.resolution * self.resolution))
+        lat = self.samples.encode_image(fit_area(load_image(path), self.resolution * self.resolution))
         if file is not None:
             from safetensors.torch import save_file
             file.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ class SampleEncoder:
         return h.hexdigest()[:32]
 
     @torch.no_grad()
-    def _latents(self, image: np.ndarray) -> torch.Tensor:
+    def encode_image(self, image: np.ndarray) -> torch.Tensor:
         vae = self.pipe.vae
         h, w = image.shape[:2]
         x = self.pipe.image_processor.preprocess(Image.fromarray(image), h, w)  # [1, 3, H, W] in [-1, 1]
@@ -83,11 +83,11 @@ class SampleEncoder:
         device = self.pipe.text_encoder.device
         pe, pm = self.pipe.encode_prompt(prompt=[s.prompt], image=cond, device=device)
         pm = torch.ones(pe.shape[:2], dtype=torch.long) if pm is None else pm
-        out = {"latents": self._latents(target), "prompt_embeds": pe[0].float().cpu(),
+        out = {"latents": self.encode_image(target), "prompt_embeds": pe[0].float().cpu(),
                "prompt_mask": pm[0].long().cpu(),
                "id_embeds": torch.from_numpy(np.stack([f.embedding for f in s.ref_faces])).float()}
         for j, r in enumerate(refs):
-            out[f"ref_latents.{j}"] = self._latents(fit_area(r, vae_area))
+            out[f"ref_latents.{j}"] = self.encode_image(fit_area(r, vae_area))
         if self.identity is not None:
             embs = [self.identity.reference_embeddings(r, [f.kps]) for r, f in zip(refs, s.ref_faces)]
             out["ref_face_embeds"] = torch.cat(embs).float().cpu()

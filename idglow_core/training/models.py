@@ -28,10 +28,12 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 
 def unused_last_block_modules(transformer: nn.Module) -> list[str]:
-    """The last block's text-stream output modules: the transformer returns only the image stream, so they
-    never get a gradient, and DDP (find_unused_parameters=False) fails on them. They are never trained."""
+    """Modules of the last block that only shape its text-stream output, which the transformer discards: the
+    output projections and MLP (they get no gradient at all, and DDP with find_unused_parameters=False fails
+    on them) and the text queries (their gradient is exactly zero). They are never trained."""
     last = len(transformer.transformer_blocks) - 1
-    return [f"transformer_blocks.{last}.{m}" for m in ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")]
+    return [f"transformer_blocks.{last}.{m}" for m in ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+                                                       "attn.add_q_proj", "attn.norm_added_q")]
 
 
 def lora_config(transformer: nn.Module, rank: int, alpha: int):
@@ -74,7 +76,7 @@ class IdGlowTrainModule(nn.Module):
         super().__init__()
         self.transformer, self.adapter = transformer, adapter
         self._hooks = adapter.attach(transformer)
-        self._schedule = Schedule("constant")
+        self.injection = Schedule("constant")  # Omega of the injection while training; DPO's reference sets "none"
 
     def detach_hooks(self) -> None:
         """Remove the adapter's hooks from the transformer (e.g. before handing both to IdGlowPipeline)."""
@@ -85,7 +87,7 @@ class IdGlowTrainModule(nn.Module):
                 id_mask: torch.Tensor) -> torch.Tensor:
         """z_t ``[B, C, 1, h, w]``, t ``[B]``, refs ``[B, C, 1, h_j, w_j]``, prompt ``[B, L, D]`` + ``[B, L]``,
         identities ``[B, K, id_dim]`` + ``[B, K]`` -> velocity ``[B, C, 1, h, w]``."""
-        cond = self.adapter.condition(id_embeds, id_mask, weight=1.0, schedule=self._schedule)
+        cond = self.adapter.condition(id_embeds, id_mask, weight=1.0, schedule=self.injection)
         out = self.transformer(**edit_inputs(z_t, ref_latents, t), encoder_hidden_states=prompt_embeds,
                                encoder_hidden_states_mask=prompt_mask, attention_kwargs={"idglow": cond},
                                return_dict=False)[0]

@@ -90,7 +90,7 @@ class SFTStep:
         return StepOutput(loss=loss, logs=logs)
 
 
-def _default_photos() -> list[Path]:
+def default_photos() -> list[Path]:
     root = Path(__file__).resolve().parents[2] / "tests" / "data"
     return [root / name for name in REPO_PHOTOS if (root / name).is_file()]
 
@@ -125,7 +125,7 @@ def _manifest(cfg: TrainConfig, acc) -> Path:
 
     folder = Path(cfg.run.output_dir) / "synthetic"
     if acc.is_main_process:
-        photos = cfg.data.synthetic_photos or _default_photos()
+        photos = cfg.data.synthetic_photos or default_photos()
         write_synthetic_manifest(folder, cfg.data.synthetic, photos, task=cfg.loss.task,
                                  size=max(160, cfg.data.resolution))
     acc.wait_for_everyone()
