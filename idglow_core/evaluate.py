@@ -12,13 +12,11 @@ at once, with line numbers, before any result is written.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,6 +25,7 @@ from .errors import ImageReadError, ManifestError, NoFaceError
 from .faces.base import Face, FaceAnalyzer, pick_face
 from .facesim import match_identities
 from .images import load_image
+from .jsonl import raise_problems, read_jsonl, resolve_path, write_jsonl_atomic
 
 __all__ = ["Sample", "read_manifest", "evaluate_manifest", "summarise", "format_tables"]
 
@@ -51,20 +50,7 @@ class Sample:
     extra: dict = field(default_factory=dict)
 
 
-def _resolve(base: Path, p: str) -> Path:
-    path = Path(p).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def _parse_line(base: Path, lineno: int, text: str, problems: list[str]) -> Sample | None:
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        problems.append(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
-        return None
-    if not isinstance(rec, dict):
-        problems.append(f"line {lineno}: expected a JSON object, got {type(rec).__name__}")
-        return None
+def _parse(base: Path, lineno: int, rec: dict, problems: list[str]) -> Sample | None:
     refs, image = rec.get("refs"), rec.get("image")
     bad = []
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
@@ -80,7 +66,7 @@ def _parse_line(base: Path, lineno: int, text: str, problems: list[str]) -> Samp
         problems.append(f"line {lineno}: " + "; ".join(bad))
         return None
     known = {"refs", "image", "prompt", "task", "prompt_mode", "method"}
-    return Sample(line=lineno, refs=tuple(_resolve(base, r) for r in refs), image=_resolve(base, image),
+    return Sample(line=lineno, refs=tuple(resolve_path(base, r) for r in refs), image=resolve_path(base, image),
                   prompt=str(rec.get("prompt", "")), task=task, prompt_mode=mode,
                   method=str(rec.get("method", "default")), extra={k: v for k, v in rec.items() if k not in known})
 
@@ -90,21 +76,14 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"Manifest '{path}' does not exist. Pass a JSONL file with one sample per line.")
-    base = path.parent
-    samples, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if text.strip():
-                sample = _parse_line(base, lineno, text, problems)
-                if sample is not None:
-                    samples.append(sample)
-    for s in samples:
-        for f in (*s.refs, s.image):
-            if not f.is_file():
-                problems.append(f"line {s.line}: file not found: {f}")
-    if problems:
-        raise ManifestError(f"{len(problems)} problem(s) in manifest '{path}':\n  " + "\n  ".join(problems) +
-                            "\nFix these lines (paths are relative to the manifest's folder) and run again.")
+    problems: list[str] = []
+    samples = []
+    for lineno, rec in read_jsonl(path, problems):
+        sample = _parse(path.parent, lineno, rec, problems)
+        if sample is not None:
+            problems += [f"line {lineno}: file not found: {f}" for f in (*sample.refs, sample.image) if not f.is_file()]
+            samples.append(sample)
+    raise_problems(problems, f"Manifest '{path}'")
     if not samples:
         raise ManifestError(f"Manifest '{path}' has no samples. Add one JSON object per line, e.g. "
                             '{"refs": ["a.jpg", "b.jpg"], "image": "gen.png", "task": "group"}.')
@@ -126,14 +105,6 @@ def _embed_references(samples: list[Sample], analyzer: FaceAnalyzer, progress: b
     if problems:
         raise ManifestError(f"{len(problems)} reference image(s) cannot be used:\n  " + "\n  ".join(problems))
     return faces
-
-
-def _write_jsonl_atomic(records: Iterable[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, analyzer: FaceAnalyzer,
@@ -164,7 +135,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
     summary = summarise(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_atomic(results, out / "results.jsonl")
+    write_jsonl_atomic(results, out / "results.jsonl")
     tmp = out / ".summary.md.tmp"
     tmp.write_text(format_tables(summary), encoding="utf-8")
     os.replace(tmp, out / "summary.md")

@@ -33,11 +33,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 
 from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # PIL is imported inside plot_schedules
+    from PIL import Image
 
 __all__ = ["SCHEDULES", "DEFAULTS", "TASK_SCHEDULES", "Schedule", "omega", "plot_schedules", "plot_colour"]
 

@@ -12,19 +12,18 @@ scoring of those; pairing and filtering. Written to ``out_dir`` (paths inside ar
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from ..errors import IdGlowError, ImageReadError, InputError, ManifestError
 from ..images import load_image, save_image_atomic, to_rgb_uint8
+from ..jsonl import write_jsonl_atomic
 from .cache import ScoreCache, context_key, file_hash
 from .config import PairsConfig, config_to_dict
 from .groups import Group, read_groups
@@ -54,16 +53,6 @@ class BuildResult:
     proposed: int
     kept: int
     out_dir: Path
-
-
-def write_jsonl_atomic(records: Iterable[dict], path: Path) -> None:
-    """One JSON object per line, written through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
 
 
 def relpath(path: Path, start: Path) -> str:

@@ -10,13 +10,13 @@ default ``g<line>``) names the group's image folder. An empty ``prompt`` becomes
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ManifestError
+from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..prompting.templates import TASKS, static_prompt
 
 __all__ = ["Group", "read_groups"]
@@ -43,20 +43,12 @@ def _paths(value, key: str, base: Path, bad: list[str], required: bool) -> tuple
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or (required and not value):
         bad.append(f"'{key}' must be a {'non-empty ' if required else ''}list of image paths")
         return ()
-    paths = tuple(p if p.is_absolute() else base / p for p in (Path(v).expanduser() for v in value))
+    paths = tuple(resolve_path(base, v) for v in value)
     bad += [f"{key}: file not found: {p}" for p in paths if not p.is_file()]
     return paths
 
 
-def _parse(raw: str, lineno: int, base: Path, problems: list[str]) -> Group | None:
-    try:
-        rec = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        problems.append(f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
-        return None
-    if not isinstance(rec, dict):
-        problems.append(f"line {lineno}: expected a JSON object, got {type(rec).__name__}")
-        return None
+def _parse(rec: dict, lineno: int, base: Path, problems: list[str]) -> Group | None:
     bad: list[str] = []
     unknown = sorted(set(rec) - {"id", "refs", "prompt", "task", "anchors", "generated"})
     if unknown:
@@ -86,21 +78,15 @@ def read_groups(path: str | os.PathLike) -> list[Group]:
     if not path.is_file():
         raise ManifestError(f"Groups file '{path}' does not exist. Pass a JSONL file with one group per line, e.g. "
                             '{"refs": ["a.jpg", "b.jpg"], "anchors": ["ab.jpg"], "prompt": "..."}.')
-    groups, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if raw.strip():
-                g = _parse(raw, lineno, path.parent, problems)
-                if g is not None:
-                    groups.append(g)
+    problems: list[str] = []
+    groups = [g for lineno, rec in read_jsonl(path, problems)
+              if (g := _parse(rec, lineno, path.parent, problems)) is not None]
     seen: dict[str, int] = {}
     for g in groups:
         if g.id in seen:
             problems.append(f"line {g.line}: id '{g.id}' already used on line {seen[g.id]}; ids must be unique")
         seen.setdefault(g.id, g.line)
-    if problems:
-        raise ManifestError(f"{len(problems)} problem(s) in groups file '{path}':\n  " + "\n  ".join(problems) +
-                            "\nFix these lines (paths are relative to the groups file's folder) and run again.")
+    raise_problems(problems, f"Groups file '{path}'", "paths are relative to the groups file's folder")
     if not groups:
         raise ManifestError(f"Groups file '{path}' has no groups. Add one JSON object per line.")
     return groups

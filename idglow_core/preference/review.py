@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 
 from ..errors import ManifestError
-from .build import relpath, write_jsonl_atomic
+from ..jsonl import raise_problems, read_jsonl, write_jsonl_atomic
+from .build import relpath
 from .config import METRICS
 
 __all__ = ["read_pairs", "write_review_page", "read_decisions", "apply_decisions", "DECISIONS"]
@@ -40,14 +41,7 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
         raise ManifestError(f"Pairs file '{path}' does not exist. Run `make_pairs.py build` first; it writes "
                             f"pairs.jsonl into its output folder.")
     pairs, problems = [], []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            problems.append(f"line {lineno}: not valid JSON ({exc.msg})")
-            continue
+    for lineno, rec in read_jsonl(path, problems):
         missing = [k for k in ("pair_id", "chosen", "rejected", "refs", "prompt", "task") if k not in rec]
         if missing:
             problems.append(f"line {lineno}: missing {missing}")
@@ -59,9 +53,7 @@ def read_pairs(path: str | os.PathLike) -> list[dict]:
     ids = [p["pair_id"] for p in pairs]
     if len(set(ids)) != len(ids):
         problems.append("pair_id values are not unique")
-    if problems:
-        raise ManifestError(f"{len(problems)} problem(s) in '{path}':\n  " + "\n  ".join(problems) +
-                            "\nRebuild it with `make_pairs.py build`.")
+    raise_problems(problems, f"Pairs file '{path}'", "rebuild it with `make_pairs.py build`")
     return pairs
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ManifestError
+from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..images import save_image_atomic
 from .templates import TASKS, subject_positions
 
@@ -42,18 +43,12 @@ class PreferencePair:
     taxonomy: str
 
 
-def _parse_line(raw: str, base: Path) -> tuple[PreferencePair | None, list[str]]:
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return None, [f"not valid JSON ({exc.msg})"]
-    if not isinstance(row, dict):
-        return None, ["not a JSON object"]
+def _parse_line(row: dict, base: Path) -> tuple[PreferencePair | None, list[str]]:
     problems = [f"missing field '{f}'" for f in _REQUIRED if f not in row]
     if problems:
         return None, problems
     images = row["images"] if isinstance(row["images"], list) else [row["images"]]
-    paths = tuple(p if p.is_absolute() else base / p for p in (Path(str(x)) for x in images))
+    paths = tuple(resolve_path(base, str(x)) for x in images)
     problems += [f"image not found: '{p}'" for p in paths if not p.is_file()]
     if not paths:
         problems.append("'images' is empty")
@@ -80,17 +75,12 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
         raise ManifestError(f"Preference-pair file not found: '{path}'. Pass a JSONL file (see "
                             f"idglow_core/prompting/pairs.py for the format).")
     pairs, errors = [], []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        pair, problems = _parse_line(raw, path.parent)
+    for number, row in read_jsonl(path, errors):
+        pair, problems = _parse_line(row, path.parent)
         errors += [f"line {number}: {p}" for p in problems]
         if pair is not None:
             pairs.append(pair)
-    if errors:
-        shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
-        raise ManifestError(f"{len(errors)} problem(s) in '{path}':\n  {shown}\nFix these lines (relative image "
-                            f"paths are read from the JSONL file's folder) and run again.")
+    raise_problems(errors, f"Preference-pair file '{path}'", "relative image paths are read from its folder")
     if not pairs:
         raise ManifestError(f"'{path}' holds no preference pairs. Add one JSON object per line.")
     return pairs

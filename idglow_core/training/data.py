@@ -22,12 +22,12 @@ from PIL import Image
 from ..errors import ImageReadError, ManifestError
 from ..faces.base import Face, FaceAnalyzer, pick_face
 from ..images import load_image
+from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..schedules import TASK_SCHEDULES
 
-__all__ = ["Sample", "read_manifest", "fit_area", "write_synthetic_manifest"]
+__all__ = ["Sample", "read_manifest", "check_references", "fit_area", "write_synthetic_manifest"]
 
 log = logging.getLogger("idglow")
-_MAX_LISTED = 50
 
 
 @dataclass
@@ -42,15 +42,7 @@ class Sample:
     ref_faces: list[Face] = field(default_factory=list)
 
 
-def _parse_line(raw: str, lineno: int, root: Path, problems: list[str]) -> Sample | None:
-    try:
-        item = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        problems.append(f"line {lineno}: not valid JSON ({exc.msg})")
-        return None
-    if not isinstance(item, dict):
-        problems.append(f"line {lineno}: expected a JSON object, got {type(item).__name__}")
-        return None
+def _parse_line(item: dict, lineno: int, root: Path, problems: list[str]) -> Sample | None:
     target, refs, prompt = item.get("target"), item.get("refs"), item.get("prompt", "")
     task = item.get("task", "group")
     bad = []
@@ -65,7 +57,29 @@ def _parse_line(raw: str, lineno: int, root: Path, problems: list[str]) -> Sampl
     if bad:
         problems.append(f"line {lineno}: " + "; ".join(bad))
         return None
-    return Sample(line=lineno, target=root / target, refs=[root / r for r in refs], prompt=prompt, task=task)
+    return Sample(line=lineno, target=resolve_path(root, target), refs=[resolve_path(root, r) for r in refs],
+                  prompt=prompt, task=task)
+
+
+def check_references(line: int, refs: Sequence[Path], analyzer: FaceAnalyzer | None,
+                     problems: list[str]) -> list[Face]:
+    """Read every reference of manifest line ``line``; with ``analyzer`` each must hold a face. Problems are
+    appended to ``problems``; returns the chosen (largest) face of each reference that has one."""
+    faces_out = []
+    for j, ref in enumerate(refs):
+        try:
+            image = load_image(ref)
+        except ImageReadError as exc:
+            problems.append(f"line {line}: reference {j + 1} {exc}")
+            continue
+        if analyzer is None:
+            continue
+        faces = analyzer.analyze(image)
+        if not faces:
+            problems.append(f"line {line}: no face found in reference {j + 1} '{ref}'")
+        else:
+            faces_out.append(pick_face(faces))
+    return faces_out
 
 
 def _check_images(sample: Sample, analyzer: FaceAnalyzer | None, problems: list[str]) -> None:
@@ -73,19 +87,7 @@ def _check_images(sample: Sample, analyzer: FaceAnalyzer | None, problems: list[
         load_image(sample.target)
     except ImageReadError as exc:
         problems.append(f"line {sample.line}: target {exc}")
-    for j, ref in enumerate(sample.refs):
-        try:
-            image = load_image(ref)
-        except ImageReadError as exc:
-            problems.append(f"line {sample.line}: reference {j + 1} {exc}")
-            continue
-        if analyzer is None:
-            continue
-        faces = analyzer.analyze(image)
-        if not faces:
-            problems.append(f"line {sample.line}: no face found in reference {j + 1} '{ref}'")
-        else:
-            sample.ref_faces.append(pick_face(faces))
+    sample.ref_faces.extend(check_references(sample.line, sample.refs, analyzer, problems))
 
 
 def read_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *,
@@ -102,10 +104,8 @@ def read_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *,
                             f"(one {{\"target\", \"refs\", \"prompt\", \"task\"}} object per line).")
     problems: list[str] = []
     samples = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        sample = _parse_line(raw, lineno, path.parent, problems)
+    for lineno, item in read_jsonl(path, problems):
+        sample = _parse_line(item, lineno, path.parent, problems)
         if sample is None:
             continue
         if max_ids is not None and len(sample.refs) > max_ids:
@@ -115,11 +115,7 @@ def read_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *,
         samples.append(sample)
     if not samples and not problems:
         problems.append("the manifest has no samples")
-    if problems:
-        shown = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise ManifestError(f"Training manifest '{path}' has {len(problems)} problem(s); fix them and rerun "
-                            f"(paths are relative to the manifest's folder):\n  {shown}{more}")
+    raise_problems(problems, f"Training manifest '{path}'")
     log.info("manifest %s: %d samples validated", path, len(samples))
     return samples
 

@@ -28,16 +28,16 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, ImageReadError, ManifestError
-from ..faces.base import Face, FaceAnalyzer, pick_face
+from ..faces.base import Face, FaceAnalyzer
 from ..images import load_image
 from ..schedules import TASK_SCHEDULES
-from .data import Sample, fit_area
+from ..jsonl import raise_problems, read_jsonl, resolve_path
+from .data import Sample, check_references, fit_area
 
 __all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
            "encode_pairs"]
 
 log = logging.getLogger("idglow")
-_MAX_LISTED = 50
 
 
 @dataclass
@@ -58,15 +58,7 @@ class PairSample:
                       ref_faces=self.ref_faces)
 
 
-def _parse_line(raw: str, lineno: int, root: Path, problems: list[str]) -> PairSample | None:
-    try:
-        item = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        problems.append(f"line {lineno}: not valid JSON ({exc.msg})")
-        return None
-    if not isinstance(item, dict):
-        problems.append(f"line {lineno}: expected a JSON object, got {type(item).__name__}")
-        return None
+def _parse_line(item: dict, lineno: int, root: Path, problems: list[str]) -> PairSample | None:
     refs, prompt, task = item.get("refs"), item.get("prompt", ""), item.get("task", "group")
     bad = [f"'{key}' must be an image path" for key in ("chosen", "rejected")
            if not isinstance(item.get(key), str) or not item.get(key)]
@@ -81,8 +73,9 @@ def _parse_line(raw: str, lineno: int, root: Path, problems: list[str]) -> PairS
     if bad:
         problems.append(f"line {lineno}: " + "; ".join(bad))
         return None
-    return PairSample(line=lineno, chosen=root / item["chosen"], rejected=root / item["rejected"],
-                      refs=[root / r for r in refs], prompt=prompt, task=task)
+    return PairSample(line=lineno, chosen=resolve_path(root, item["chosen"]),
+                      rejected=resolve_path(root, item["rejected"]), refs=[resolve_path(root, r) for r in refs],
+                      prompt=prompt, task=task)
 
 
 def _check_pair(pair: PairSample, analyzer: FaceAnalyzer | None, resolution: int | None,
@@ -101,19 +94,7 @@ def _check_pair(pair: PairSample, analyzer: FaceAnalyzer | None, resolution: int
         problems.append(f"line {pair.line}: chosen and rejected have different aspect ratios ({wc}x{hc} vs "
                         f"{wr}x{hr} px at data.resolution={resolution}); a pair shares one noise tensor, so crop "
                         f"the rejected image to the chosen one's aspect ratio")
-    for j, ref in enumerate(pair.refs):
-        try:
-            image = load_image(ref)
-        except ImageReadError as exc:
-            problems.append(f"line {pair.line}: reference {j + 1} {exc}")
-            continue
-        if analyzer is None:
-            continue
-        faces = analyzer.analyze(image)
-        if not faces:
-            problems.append(f"line {pair.line}: no face found in reference {j + 1} '{ref}'")
-        else:
-            pair.ref_faces.append(pick_face(faces))
+    pair.ref_faces.extend(check_references(pair.line, pair.refs, analyzer, problems))
 
 
 def read_pair_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *, max_ids: int | None = None,
@@ -131,10 +112,8 @@ def read_pair_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *
                             f"(train/make_pairs.py writes one).")
     problems: list[str] = []
     pairs = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        pair = _parse_line(raw, lineno, path.parent, problems)
+    for lineno, item in read_jsonl(path, problems):
+        pair = _parse_line(item, lineno, path.parent, problems)
         if pair is None:
             continue
         if max_ids is not None and len(pair.refs) > max_ids:
@@ -144,11 +123,7 @@ def read_pair_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *
         pairs.append(pair)
     if not pairs and not problems:
         problems.append("the manifest has no pairs")
-    if problems:
-        shown = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        raise ManifestError(f"DPO manifest '{path}' has {len(problems)} problem(s); fix them and rerun "
-                            f"(paths are relative to the manifest's folder):\n  {shown}{more}")
+    raise_problems(problems, f"DPO manifest '{path}'")
     log.info("DPO manifest %s: %d pairs validated", path, len(pairs))
     return pairs
 
