@@ -49,14 +49,28 @@ def test_config_errors_say_what_to_fix(override, match):
 
 
 def test_cli_flags_map_to_overrides():
-    from train.sft import build_parser, overrides_from_args
+    from idglow_core.training.cli import overrides_from_args
+    from train.sft import FLAGS, build_parser
 
     args = build_parser().parse_args(["--id-weight", "0", "--schedule", "constant", "--task", "age",
                                       "--train", "full", "--overwrite", "--set", "optim.lr=0.5"])
-    ov = overrides_from_args(args)
+    ov = overrides_from_args(args, FLAGS)
     cfg = load_config(TINY, ov)
     assert (cfg.loss.id_weight, cfg.loss.schedule, cfg.loss.task, cfg.run.train, cfg.run.overwrite, cfg.optim.lr) == \
         (0.0, "constant", "age", "full", True, 0.5)
+
+
+def test_dpo_cli_flags_map_to_overrides():
+    from idglow_core.training.cli import overrides_from_args
+    from idglow_core.training.dpo import load_dpo_config
+    from train.dpo import FLAGS, build_parser
+
+    args = build_parser().parse_args(["--beta", "500", "--alpha", "2", "--margin", "0.1", "--sft-weight", "0.5",
+                                      "--max-steps", "7", "--gradient-checkpointing"])
+    cfg = load_dpo_config(Path(__file__).parents[1] / "train" / "configs" / "dpo_tiny_cpu.yaml",
+                          overrides_from_args(args, FLAGS))
+    assert (cfg.dpo.beta, cfg.dpo.alpha, cfg.dpo.margin, cfg.dpo.sft_weight) == (500.0, 2.0, 0.1, 0.5)
+    assert cfg.train.optim.max_steps == 7 and cfg.train.run.gradient_checkpointing is True
 
 
 # ----------------------------------------------------------------------------------------------- data
