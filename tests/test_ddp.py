@@ -1,7 +1,12 @@
-"""Two-process DDP on CPU (gloo) for DPO: the reference pass (adapter and LoRA switched off, peft toggling
-requires_grad) runs inside DDP without breaking gradient synchronisation; both ranks end with identical
-trainable weights. Run as a script, this file is the per-rank worker (see test_sft_ddp.py for the launch
-flags that give real DDP on CPU)."""
+"""Two-process DDP on CPU (gloo): 2 SFT or DPO steps leave identical trainable weights on both ranks.
+
+For DPO this also shows that the reference pass (adapter and LoRA switched off, peft toggling requires_grad)
+runs inside DDP without breaking gradient synchronisation.
+
+``accelerate launch --cpu --num_processes 2`` silently starts one process, and ``--multi_gpu`` without
+``ACCELERATE_USE_CPU=true`` starts two unsynchronised ones; this is the combination that gives real DDP on
+CPU. Run as a script (``test_ddp.py sft|dpo OUT``), this file is the per-rank worker.
+"""
 from __future__ import annotations
 
 import os
@@ -14,19 +19,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["optim.max_steps=2", "data.synthetic=2", "run.tensorboard=false", "run.checkpoint_every=0"]
 
 
-def _worker(out: str) -> None:
+def _worker(trainer: str, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
     from safetensors.torch import save_file
 
-    from idglow_core.training.dpo import load_dpo_config, run_dpo
-
-    cfg = load_dpo_config(ROOT / "train" / "configs" / "dpo_tiny_cpu.yaml",
-                          [f"run.output_dir={out}", "optim.max_steps=2", "data.synthetic=2", "run.tensorboard=false",
-                           "run.checkpoint_every=0"])
-    result = run_dpo(cfg)
+    overrides = [f"run.output_dir={out}", *COMMON]
+    if trainer == "sft":
+        from idglow_core.training import load_config, run_sft
+        result = run_sft(load_config(ROOT / "train" / "configs" / "tiny_cpu.yaml", overrides + ["loss.schedule=constant"]))
+    else:
+        from idglow_core.training.dpo import load_dpo_config, run_dpo
+        result = run_dpo(load_dpo_config(ROOT / "train" / "configs" / "dpo_tiny_cpu.yaml", overrides))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trained = {k: p.detach().clone().contiguous() for k, p in result.module.named_parameters() if p.requires_grad}
     save_file(trained, str(Path(out) / f"rank{rank}_of{world}.safetensors"))
@@ -34,20 +41,21 @@ def _worker(out: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_dpo_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+def test_two_process_ddp_keeps_ranks_identical(trainer, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed")
-    with socket.socket() as sock:
+    with socket.socket() as sock:  # a free port, so parallel runs do not collide
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-           str(Path(__file__)), str(tmp_path / "run")]
+           str(Path(__file__)), trainer, str(tmp_path / "run")]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = load_file(str(tmp_path / "run" / "rank0_of2.safetensors"))
@@ -55,8 +63,8 @@ def test_two_process_ddp_dpo_keeps_ranks_identical(tmp_path):
     assert r0 and set(r0) == set(r1) and any(".lora_B." in k for k in r0)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # gradients were all-reduced
     assert any(r0[k].abs().sum() > 0 for k in r0 if k.endswith("to_out.weight"))  # and they trained
-    assert (tmp_path / "run" / "final" / "idglow_adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "idglow_adapter.safetensors").is_file()  # main process exported
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])
