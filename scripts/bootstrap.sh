@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.idglow-installed"
-WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT"/requirements*.txt "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # CPU torch when the venv has none (a ComfyUI venv keeps its own build).
@@ -19,7 +19,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
   TORCH_VERSION="$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")"
-  "$VENV/bin/python" -m pip install -q -c <(echo "torch==$TORCH_VERSION") -r "$ROOT/requirements.txt" -r "$ROOT/requirements-test.txt"
+  "$VENV/bin/python" -m pip install -q -c <(echo "torch==$TORCH_VERSION") -r "$ROOT/requirements.txt" -r "$ROOT/requirements-train.txt" -r "$ROOT/requirements-test.txt"
   "$VENV/bin/python" -m pip install -q --no-deps "insightface>=0.7.3"
   echo "$WANT" > "$STAMP"
 fi
