@@ -5,6 +5,7 @@ import logging
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.patcher_extension
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -14,7 +15,7 @@ from idglow_core.errors import InputError
 
 from ._comfy import CATEGORY, AdapterType, IdsType, ScheduleType
 from ._convert import check_choice, parse_weights
-from .patch import APPLY_TO, IdGlowPatch, check_adapter_fits
+from .patch import APPLY_TO, IdGlowPatch, check_adapter_fits, mark_positive
 
 log = logging.getLogger("idglow")
 
@@ -41,10 +42,25 @@ class IdGlowAdapterLoader(io.ComfyNode):
         return io.NodeOutput(wrap_adapter(adapter))
 
 
-def wrap_adapter(adapter: IdGlowAdapter):
+class AdapterPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher that loads and offloads the adapter whole, never part of it.
+
+    With little free VRAM (or --lowvram / --novram) ComfyUI moves only the layers that fit its byte budget and
+    casts the others' weights on the fly, which works for ``comfy.ops`` layers only. The adapter's layers are
+    plain torch layers: split between devices, ``block_residual`` would mix CPU and GPU tensors. The adapter is
+    ~1.3 % of the DiT, so it is always loaded in full, and given back in full when memory is freed.
+    """
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load=True)
+
+    def partially_unload(self, device_to, memory_to_free=0):
+        return 0  # nothing freed in part: ComfyUI then unloads the whole adapter (LoadedModel.model_unload)
+
+
+def wrap_adapter(adapter: IdGlowAdapter) -> AdapterPatcher:
     """A ModelPatcher around the adapter, so ComfyUI's memory manager moves it to the GPU and back."""
-    return comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return AdapterPatcher(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
 def apply_idglow(model, adapter_patcher, ids, schedule, weight: float, id_weights: list[float] | None = None,
@@ -65,6 +81,8 @@ def apply_idglow(model, adapter_patcher, ids, schedule, weight: float, id_weight
         cond = adapter.condition(ids.embeddings[None].to(param.device, param.dtype), weight=float(weight),
                                  schedule=sched, id_weights=None if id_weights is None else torch.tensor(id_weights))
     patched.set_model_double_block_patch(IdGlowPatch(adapter, cond, apply_to, adapter_patcher))
+    if apply_to == "positive":  # tells the patch which chunks of the model batch are the positive prompt
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "idglow", mark_positive)
     log.info("IdGlow: %d identities, weight %g, schedule %s, apply to %s", ids.count, weight, sched.to_str(), apply_to)
     return patched
 

@@ -1,8 +1,8 @@
 """The IdGlow patch for ComfyUI's native Qwen-Image DiT. No ComfyUI import at module level (tests run it bare).
 
-``install_patch(model_patcher, ...)`` clones nothing itself: the caller passes ``model.clone()``. It adds one
-``double_block`` patch (called by ``QwenImageTransformer2DModel`` after every dual-stream block with
-``{"img", "txt", "x", "block_index", "transformer_options"}``) that does, on the target tokens only::
+``model_nodes.apply_idglow`` clones the MODEL and installs one :class:`IdGlowPatch`, a ``double_block`` patch
+(called by ``QwenImageTransformer2DModel`` after every dual-stream block with ``{"img", "txt", "x", "block_index",
+"transformer_options"}``) that does, on the target tokens only::
 
     img[:, :n] += adapter.block_residual(i, img[:, :n], tokens, mask, scale, token_weights)
     scale[b] = weight * Omega(sigma_b)        sigma = transformer_options["sigmas"] (flow time t, read per call)
@@ -10,6 +10,11 @@
 ``n`` = ``ceil(H/2) * ceil(W/2)`` from the latent ``x``; the reference-latent tokens after them are untouched.
 Because sigma is read at sample time and the schedule is in t units, ModelSampling nodes anywhere in the graph
 do not move the window.
+
+Rows of the model batch are chunks of the latent batch; ``cond_or_uncond`` holds each chunk's index in the
+guider's list of conds, which is not a label (KSampler: [positive, negative]; DualCFGGuider: [negative, middle,
+positive]). For ``apply_to='positive'`` the OUTER_SAMPLE wrapper :func:`mark_positive` puts the positive conds'
+uuids in ``transformer_options`` and the patch matches them with ``transformer_options["uuids"]``.
 """
 from __future__ import annotations
 
@@ -21,10 +26,33 @@ import torch
 from idglow_core.adapter import IdCondition, IdGlowAdapter
 from idglow_core.errors import IncompatibleAdapterError, InputError
 
-__all__ = ["IdGlowPatch", "target_token_count", "check_adapter_fits", "APPLY_TO"]
+__all__ = ["IdGlowPatch", "target_token_count", "check_adapter_fits", "mark_positive", "APPLY_TO", "POSITIVE_UUIDS"]
 
 log = logging.getLogger("idglow")
 APPLY_TO = ("both", "positive")
+POSITIVE_UUIDS = "idglow_positive_uuids"  # transformer_options key set by mark_positive
+
+
+def mark_positive(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """OUTER_SAMPLE wrapper: records the uuids of the guider's positive conds for this sampling run.
+
+    ``executor.class_obj`` is the guider; its ``model_options`` is a per-run copy (``CFGGuider.sample``), which
+    ComfyUI merges into the ``transformer_options`` of every model call.
+    """
+    guider = executor.class_obj
+    conds, options = getattr(guider, "conds", None), getattr(guider, "model_options", None)
+    if isinstance(conds, dict) and isinstance(options, dict):  # else the patch falls back to chunk 0 = positive
+        uuids = {c["uuid"] for c in conds.get("positive") or [] if isinstance(c, dict) and "uuid" in c}
+        options.setdefault("transformer_options", {})[POSITIVE_UUIDS] = uuids
+    return executor(*args, **kwargs)
+
+
+def positive_chunks(transformer_options: dict, chunks: list) -> list[bool]:
+    """Which chunks of the model batch belong to the positive prompt."""
+    positive, uuids = transformer_options.get(POSITIVE_UUIDS), transformer_options.get("uuids")
+    if positive and uuids is not None and len(uuids) == len(chunks):
+        return [u in positive for u in uuids]
+    return [c == 0 for c in chunks]  # KSampler / CFGGuider order: 0 = positive, 1 = negative
 
 
 def target_token_count(x: torch.Tensor) -> int:
@@ -76,7 +104,7 @@ class IdGlowPatch:
         elif s.numel() != batch:
             s = s.max().expand(batch)
         if self.apply_to == "positive" and batch % len(chunks) == 0:
-            keep = torch.tensor([c == 0 for c in chunks], dtype=s.dtype, device=s.device)
+            keep = torch.tensor(positive_chunks(transformer_options, chunks), dtype=s.dtype, device=s.device)
             s = s * keep.repeat_interleave(batch // len(chunks))
         return s
 

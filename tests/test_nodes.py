@@ -221,3 +221,41 @@ def test_target_tokens_and_adapter_fit():
         patch.check_adapter_fits(adapter, FakeDiT(32, 2))
     with pytest.raises(IncompatibleAdapterError, match="not a Qwen-Image DiT"):
         patch.check_adapter_fits(adapter, torch.nn.Linear(2, 2))
+
+
+def test_positive_rows_come_from_the_positive_conds_uuids():
+    """With the uuids that mark_positive records, 'positive' follows the prompt, wherever its chunk is; without
+    them it falls back to KSampler's order (chunk 0 = positive)."""
+    adapter = _adapter()
+    p = patch.IdGlowPatch(adapter, adapter.condition(torch.randn(1, 1, 8), weight=0.5), apply_to="positive")
+    to = {"sigmas": torch.tensor([0.5, 0.5]), "cond_or_uncond": [0, 1, 2], "uuids": ["neg", "mid", "pos"],
+          patch.POSITIVE_UUIDS: {"pos"}}
+    assert torch.equal(p.scales(to, 6), torch.tensor([0, 0, 0, 0, 0.5, 0.5]))  # 2 latents x 3 chunks, chunk-major
+    del to[patch.POSITIVE_UUIDS]
+    assert torch.equal(p.scales(to, 6), torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
+
+    class Executor:  # what ComfyUI hands an OUTER_SAMPLE wrapper: class_obj = the guider
+        class_obj = type("Guider", (), {"conds": {"positive": [{"uuid": "a"}, {"uuid": "b"}],
+                                                  "negative": [{"uuid": "c"}]}, "model_options": {}})()
+
+        def __call__(self, *args):
+            return args
+
+    ex = Executor()
+    assert patch.mark_positive(ex, 1, 2) == (1, 2)
+    assert ex.class_obj.model_options["transformer_options"][patch.POSITIVE_UUIDS] == {"a", "b"}
+
+
+@pytest.mark.parametrize("model_dtype,adapter_dtype",
+                         [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_patch_keeps_the_models_dtype_whatever_the_adapters(model_dtype, adapter_dtype):
+    """ComfyUI runs the DiT in its compute dtype (bf16 for fp8/bf16 weights) while the adapter keeps its own:
+    the stream keeps the model's dtype and the residual is the adapter's, rounded once."""
+    adapter = _adapter().to(adapter_dtype)
+    cond = adapter.condition(torch.randn(1, 2, 8).to(adapter_dtype), weight=1.0)
+    img = torch.randn(1, 6 + 2, 16).to(model_dtype)
+    out = _call(patch.IdGlowPatch(adapter, cond), img, 0.5)
+    assert out.dtype == model_dtype and torch.equal(out[:, 6:], img[:, 6:])
+    ref = adapter.float().block_residual(1, img[:, :6].float(), cond.tokens.float(), cond.mask, 1.0)
+    assert torch.allclose((out[:, :6].float() - img[:, :6].float()), ref, atol=0.05, rtol=0.05)
+    assert (out[:, :6] != img[:, :6]).any()
