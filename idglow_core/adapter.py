@@ -314,6 +314,12 @@ class AttachedAdapter:
     """Hooks of one adapter on one transformer. Use as a context manager or call :meth:`detach`."""
 
     def __init__(self, adapter: IdGlowAdapter, transformer: nn.Module):
+        hooks = transformer._forward_pre_hooks.values()
+        if any(isinstance(getattr(h, "__self__", None), AttachedAdapter) for h in hooks):
+            # the first adapter's pre-hook would take this one's condition and apply it with its own weights
+            raise InputError("This transformer already has an IdGlow adapter attached. Detach it first "
+                             "(handle.detach(), IdGlowTrainModule.detach_hooks(), or leave its `with attach(...)` "
+                             "block), then attach the other one.")
         self.adapter, self.transformer = adapter, transformer
         self._pending: dict[int, _Call] = {}  # set by a block's pre-hook, consumed by its own forward hook
         self._handles = [transformer.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]

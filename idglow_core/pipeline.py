@@ -179,7 +179,10 @@ class IdGlowPipeline:
         """Face embeddings ``[k, id_dim]`` for the references, and a record of the faces used."""
         want = self.adapter.config.id_dim
         if embeddings is not None:
-            emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+            if isinstance(embeddings, torch.Tensor):  # e.g. a torch face encoder's output: bf16, on GPU, with grad
+                emb = embeddings.detach().to(device="cpu", dtype=torch.float32)
+            else:
+                emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
             if emb.ndim != 2 or emb.shape[0] != len(images):
                 raise InputError(f"Precomputed embeddings must be [k, d] with k = {len(images)} references, got "
                                  f"{tuple(emb.shape)}.")

@@ -203,6 +203,25 @@ def test_detach_leaves_the_model_identical(tr):
     assert all(torch.equal(before[k], v) for k, v in tr.state_dict().items())
 
 
+def test_a_second_adapter_cannot_hijack_the_hooks_of_the_first(tr):
+    """Two attached adapters: the first one's hooks would consume the second one's condition and apply it with
+    the wrong cross-attention weights, silently. Attaching refuses until the first one is detached."""
+    first, second = _trained(IdGlowAdapter.init_for(tr), seed=1), _trained(IdGlowAdapter.init_for(tr), seed=2)
+    cond = second.condition(*_ids())
+    with second.attach(tr):
+        want = tr(**_inputs(), attention_kwargs={"idglow": cond})[0]
+    handle = first.attach(tr)
+    try:
+        with pytest.raises(InputError, match="already has an IdGlow adapter attached"):
+            second.attach(tr)
+        with pytest.raises(InputError, match="already has an IdGlow adapter attached"):
+            first.attach(tr)
+    finally:
+        handle.detach()
+    with second.attach(tr):
+        assert torch.equal(tr(**_inputs(), attention_kwargs={"idglow": cond})[0], want)
+
+
 def test_parameter_count_formula_and_budget():
     cfg = AdapterConfig(hidden_dim=48, num_blocks=2, inner_dim=32, head_dim=16, token_dim=24, tokens_per_id=3,
                         max_ids=2, id_dim=20)

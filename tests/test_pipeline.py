@@ -101,6 +101,28 @@ def test_injection_happens_exactly_where_the_schedule_is_nonzero(pipe, refs, tas
         assert all((0.3 <= t <= 0.6) == bool(inj) for t, inj in steps)
 
 
+def test_omega_sees_the_noise_level_of_the_latents_after_the_resolution_shift(pipe, refs):
+    """The adapter evaluates Omega on the transformer's ``timestep`` = scheduler timestep / 1000 = the step's
+    sigma after the resolution shift, i.e. the t of ``z_t = (1 - t) z0 + t eps`` the scheduler integrates, the
+    same t the trainer samples and feeds (training.packing.edit_inputs)."""
+    adapter = _trained(IdGlowAdapter.init_for(pipe.transformer))
+    cond = adapter.condition(random_embeddings(2)[None], schedule="gate")
+    seen, sigmas = [], []
+    original = cond.scale
+    cond.scale = lambda sigma: (seen.append(sigma.tolist()), original(sigma))[1]
+
+    def on_step(p, i, t, kw):
+        sigmas.append(float(p.scheduler.sigmas[i]))  # the sigma this step's Euler update starts from
+        return {}
+
+    with adapter.attach(pipe.transformer):
+        pipe(image=[Image.fromarray(r) for r in refs], prompt="x", num_inference_steps=4, height=64, width=64,
+             output_type="pt", attention_kwargs={"idglow": cond}, callback_on_step_end=on_step)
+    assert len(seen) == 4 and [s[0] for s in seen] == pytest.approx(sigmas, abs=1e-6)
+    unshifted = [1.0, 0.75, 0.5, 0.25]  # np.linspace(1, 1/4, 4): what the scheduler gets before its shift
+    assert max(abs(a - b) for a, b in zip(sigmas, unshifted)) > 0.05 and sigmas[-1] == pytest.approx(0.02)
+
+
 def test_metadata_and_per_identity_weights(pipe, refs):
     ip = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
     cfg = GenerateConfig(task="age", id_weights=[1.0, 0.5], **FAST)
@@ -138,6 +160,19 @@ def test_faces_come_from_the_analyzer_and_dims_are_checked(pipe, refs):
     small.name, small.embedding_dim = "dlib", 128
     with pytest.raises(IncompatibleAdapterError, match="'dlib' face backend gives 128-d"):
         IdGlowPipeline(pipe, IdGlowAdapter.init_for(pipe.transformer), analyzer=small)(refs, GenerateConfig(**FAST))
+
+
+def test_precomputed_embeddings_from_a_torch_encoder_are_accepted(pipe, refs):
+    """Embeddings straight from a torch face encoder (bf16, still attached to a graph) give the same image as
+    their float32 numpy copy; a wrong shape is a typed error."""
+    ip = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
+    emb = random_embeddings(2).to(torch.bfloat16)
+    want = ip(refs, GenerateConfig(**FAST), embeddings=emb.float().numpy()).images
+    graph = emb.float().requires_grad_(True) * 1.0
+    assert torch.equal(ip(refs, GenerateConfig(**FAST), embeddings=graph).images, want)
+    assert torch.equal(ip(refs, GenerateConfig(**FAST), embeddings=emb).images, want)
+    with pytest.raises(InputError, match="2 references"):
+        ip(refs, GenerateConfig(**FAST), embeddings=emb[:1])
 
 
 def test_loading_errors_are_typed(tmp_path):

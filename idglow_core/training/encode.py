@@ -9,9 +9,12 @@ Per sample (all on the CPU, no batch dim)::
     id_embeds       [k, id_dim]       face-analyzer embeddings of the references (the adapter's input)
     ref_face_embeds [k, D_arc]        torch-ArcFace embeddings of the references (the ID loss's targets)
 
-With ``data.cache_dir`` set, each sample is written once as ``<hash>.safetensors`` and read back on later
-runs (the hash covers the files' contents, the prompt, the sizes and the model); without it, encodings are
-kept in memory. Either way the text encoder and the VAE encoder run once per sample.
+With ``data.cache_dir`` set, the latents and prompt embeddings of each sample are written once as
+``<hash>.safetensors`` and read back on later runs (the hash covers the files' contents, the prompt, the sizes
+and the model); without it, encodings are kept in memory. Either way the text encoder and the VAE encoder run
+once per sample. ``id_embeds`` and ``ref_face_embeds`` are never cached on disk: they depend on this run's face
+backend and ID-loss encoder (a cache shared by a dlib and an insightface run, or by a run without and one with
+the ID loss, must not hand one the other's embeddings), and they are cheap to recompute.
 """
 from __future__ import annotations
 
@@ -84,12 +87,18 @@ class SampleEncoder:
         pe, pm = self.pipe.encode_prompt(prompt=[s.prompt], image=cond, device=device)
         pm = torch.ones(pe.shape[:2], dtype=torch.long) if pm is None else pm
         out = {"latents": self.encode_image(target), "prompt_embeds": pe[0].float().cpu(),
-               "prompt_mask": pm[0].long().cpu(),
-               "id_embeds": torch.from_numpy(np.stack([f.embedding for f in s.ref_faces])).float()}
+               "prompt_mask": pm[0].long().cpu()}
         for j, r in enumerate(refs):
             out[f"ref_latents.{j}"] = self.encode_image(fit_area(r, vae_area))
+        return out
+
+    @torch.no_grad()
+    def _identities(self, s: Sample) -> dict[str, torch.Tensor]:
+        """The run-specific part: this run's face-analyzer embeddings and, with the ID loss, the references
+        embedded by its ArcFace (both depend on the face models, which the cache key does not cover)."""
+        out = {"id_embeds": torch.from_numpy(np.stack([f.embedding for f in s.ref_faces])).float()}
         if self.identity is not None:
-            embs = [self.identity.reference_embeddings(r, [f.kps]) for r, f in zip(refs, s.ref_faces)]
+            embs = [self.identity.reference_embeddings(load_image(r), [f.kps]) for r, f in zip(s.refs, s.ref_faces)]
             out["ref_face_embeds"] = torch.cat(embs).float().cpu()
         return out
 
@@ -108,8 +117,9 @@ class SampleEncoder:
                 tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
                 save_file({k: v.contiguous() for k, v in enc.items()}, str(tmp))
                 tmp.replace(path)
-        if path is None:
-            self._memory[index] = enc
+        enc = {k: v for k, v in enc.items() if k not in ("id_embeds", "ref_face_embeds")}  # files of older versions
+        enc.update(self._identities(sample))
+        self._memory[index] = enc
         return enc
 
     def encode_all(self, samples: Sequence[Sample]) -> list[dict[str, torch.Tensor]]:
