@@ -273,6 +273,10 @@ class IdGlowAdapter(nn.Module):
             raise InputError(f"block_index {block_index} out of range: this adapter has {len(self.blocks)} blocks.")
         B = img_hidden.shape[0]
         p = self.blocks[block_index].to_q.weight
+        if img_hidden.device != p.device:
+            raise InputError(f"The adapter's block {block_index} is on {p.device} but the DiT's activations are on "
+                             f"{img_hidden.device}. Move the adapter to the model's device first "
+                             f"(adapter.to(device); in ComfyUI the IdGlow Adapter Loader's patcher does this).")
         expand = (lambda x: None if x is None else x.to(p.device).expand(B, *x.shape[1:]))
         out = self.blocks[block_index](img_hidden.to(p.dtype), expand(id_tokens).to(p.dtype), expand(id_mask),
                                        expand(token_weights))

@@ -230,3 +230,11 @@ def test_parameter_count_formula_and_budget():
     assert real < 0.03 * 20.43e9
     with pytest.raises(InputError):
         AdapterConfig(hidden_dim=48, num_blocks=2, inner_dim=40, head_dim=16)
+
+
+def test_block_residual_on_another_device_than_the_activations_raises():
+    adapter = IdGlowAdapter(AdapterConfig(hidden_dim=32, num_blocks=1, inner_dim=16, head_dim=8, token_dim=16,
+                                          tokens_per_id=2, id_dim=8))
+    tokens, mask = adapter.encode(torch.randn(1, 1, 8))
+    with pytest.raises(InputError, match="Move the adapter"):
+        adapter.block_residual(0, torch.randn(1, 4, 32, device="meta"), tokens, mask, 1.0)

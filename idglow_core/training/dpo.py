@@ -61,8 +61,9 @@ log = logging.getLogger("idglow")
 class DPOConfig:
     """The ``dpo:`` section. ``alpha=1, margin=0, sft_weight=0`` is plain Diffusion-DPO (Eq. 7)."""
 
-    # Diffusion-DPO uses 5000 on eps-MSE (SD1.5/SDXL); velocity errors are about 2x larger (Var v* ~ 2), so
-    # half of it is the comparable start. Tune per dataset: watch rewards/margins and implicit_acc.
+    # Diffusion-DPO uses 5000 on eps-MSE (SD1.5/SDXL). Velocity errors (v* = eps - z0) have a different, t-
+    # dependent scale, so 2500 is a starting point, not a derived value: tune it per dataset while watching
+    # rewards/margins and implicit_acc.
     beta: float = 2500.0
     alpha: float = 1.0  # asymmetric weight on the chosen pair's Delta (Eq. 7)
     margin: float = 0.0  # additive margin m >= 0 (Eq. 7)
