@@ -274,7 +274,12 @@ def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None
             ema.update(_trainable(acc.unwrap_model(module)))
         done = step + 1
         if parts.validate is not None and cfg.run.validate_every and done % cfg.run.validate_every == 0:
-            if acc.is_main_process:  # the unwrapped module: no DDP collectives on one rank
+            if acc.distributed_type == DistributedType.FSDP:
+                # sharded weights: every rank runs the wrapped module (its forward all-gathers the shards)
+                metrics = parts.validate(module, done)
+                if acc.is_main_process:
+                    buf.add(metrics)
+            elif acc.is_main_process:  # the unwrapped module: no DDP collectives on one rank
                 buf.add(parts.validate(acc.unwrap_model(module), done))
             acc.wait_for_everyone()
         if done % cfg.run.log_every == 0 or done == cfg.optim.max_steps:
