@@ -84,6 +84,8 @@ class LossConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     timestep_shift: float = 1.0  # t' = s t / (1 + (s-1) t); ~2.0 matches Qwen-Image at 1024^2
+    id_decode: str = "full"  # full: decode the whole estimate with grad | crop: with grad only each face's window
+    id_crop_margin: int = 4  # id_decode=crop: latent cells added around each face's crop region (8 px each at x8)
 
     @property
     def omega(self) -> Schedule:
@@ -98,6 +100,9 @@ class LossConfig:
         if self.id_weight < 0 or self.timestep_shift <= 0 or self.missing_face_value < 0:
             raise ConfigError(f"Need loss.id_weight >= 0 (got {self.id_weight}), loss.timestep_shift > 0 (got "
                               f"{self.timestep_shift}) and loss.missing_face_value >= 0.")
+        if self.id_decode not in ("full", "crop") or self.id_crop_margin < 0:
+            raise ConfigError(f"loss.id_decode must be 'full' or 'crop' (got '{self.id_decode}') and "
+                              f"loss.id_crop_margin >= 0 latent cells (got {self.id_crop_margin}).")
         _ = self.omega  # parse the schedule now (ConfigError on a bad name or parameter)
 
 

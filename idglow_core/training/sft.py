@@ -29,13 +29,22 @@ log = logging.getLogger("idglow")
 REPO_PHOTOS = ("obama.jpg", "biden.jpg", "obama2.jpg", "obama3.jpg")
 
 
-def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Normalised latents ``[b, C, 1, h, w]`` -> RGB ``[b, 3, H, W]`` in [0, 1], differentiable (VAE frozen)."""
+def vae_decoder(vae, tiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised latents ``[b, C, 1, h, w]`` -> RGB ``[b, 3, H, W]`` in [0, 1], differentiable (VAE frozen).
+
+    ``tiled``: latents larger than the VAE's tile (``tile_sample_min_*`` / spatial factor) go through its
+    ``tiled_decode`` (bounded memory, blended seams); meant for the no-grad detection decode of ``id_decode=crop``.
+    """
     def decode(z: torch.Tensor) -> torch.Tensor:
         c = vae.config
         mean = torch.tensor(c.latents_mean, device=z.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(c.latents_std, device=z.device, dtype=vae.dtype).view(1, -1, 1, 1, 1)
-        x = vae.decode(z.to(vae.dtype) * std + mean, return_dict=False)[0][:, :, 0]
+        z = z.to(vae.dtype) * std + mean
+        f = vae.spatial_compression_ratio
+        if tiled and (z.shape[-2] > vae.tile_sample_min_height // f or z.shape[-1] > vae.tile_sample_min_width // f):
+            x = vae.tiled_decode(z, return_dict=False)[0][:, :, 0]
+        else:
+            x = vae.decode(z, return_dict=False)[0][:, :, 0]
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return decode
 
@@ -43,12 +52,14 @@ def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
 class SFTStep:
     """One SFT micro-step: ``(module, batch, generator) -> StepOutput`` for :func:`run_loop`.
 
-    ``decode``: latents -> [0, 1] images (needed when the ID loss is on); ``identity``: the Eq. 3 loss or None.
+    ``decode``: latents -> [0, 1] images (needed when the ID loss is on); ``identity``: the Eq. 3 loss or None;
+    ``detect_decode``: the no-grad decode used for face detection when ``loss.id_decode == "crop"`` (default
+    ``decode``; e.g. ``vae_decoder(vae, tiled=True)``).
     """
 
     def __init__(self, loss: LossConfig, decode: Callable[[torch.Tensor], torch.Tensor] | None,
-                 identity: IdentityLoss | None):
-        self.cfg, self.decode, self.identity = loss, decode, identity
+                 identity: IdentityLoss | None, detect_decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.cfg, self.decode, self.identity, self.detect_decode = loss, decode, identity, detect_decode
         self.omega = loss.omega
         self.counts = {"samples": 0, "id_loss_ran": 0, "images_without_face": 0, "refs_missing": 0}
 
@@ -75,7 +86,11 @@ class SFTStep:
         if self.identity is not None and bool(active.any()):
             idx = active.nonzero().flatten()
             z0_hat = one_step_estimate(z_t[idx], v[idx], t[idx])         # line 13
-            res = self.identity(self.decode(z0_hat), [batch["ref_face_embeds"][i] for i in idx.tolist()])  # line 14
+            refs = [batch["ref_face_embeds"][i] for i in idx.tolist()]
+            if self.cfg.id_decode == "crop":                          # line 14, decoding only the faces' windows
+                res = self.identity.on_latents(z0_hat, self.decode, refs, self.cfg.id_crop_margin, self.detect_decode)
+            else:                                                      # line 14, decoding the whole estimate
+                res = self.identity(self.decode(z0_hat), refs)
             id_per = id_per.index_put((idx,), res.loss.to(id_per.dtype))
             values = res.loss.detach().float().tolist()
             logs["loss/id"] = values
@@ -154,7 +169,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
         identity.arcface.to(acc.device)
     set_seed(cfg.run.seed)  # same adapter / LoRA initialisation on every rank and in every rerun
     module = build_train_module(cfg, pipe, id_dim=int(encoded[0]["id_embeds"].shape[1]))
-    step = SFTStep(cfg.loss, vae_decoder(pipe.vae), identity)
+    crop = cfg.loss.id_decode == "crop"
+    step = SFTStep(cfg.loss, vae_decoder(pipe.vae), identity, vae_decoder(pipe.vae, tiled=True) if crop else None)
     meta = {"task": cfg.loss.task, "trained_steps": str(cfg.optim.max_steps), "trainer": "idglow-sft"}
     validator = None
     if cfg.run.validate_every:
