@@ -40,3 +40,19 @@ def test_real_scale_configs_use_the_paper_schedules():
     assert age.loss.omega.name == "gate" and age.loss.omega.params == {"lo": 0.3, "hi": 0.6}
     dpo = load_dpo_config(CONFIGS[0].parent / "dpo_qwen_edit_2511.yaml")
     assert dpo.dpo.init_from and dpo.train.run.train == "lora"
+
+
+def test_config_files_that_cannot_be_used_raise_config_errors(tmp_path):
+    from idglow_core.errors import ConfigError
+    from idglow_core.yamlfile import read_yaml_mapping
+
+    assert read_yaml_mapping(None, "Config", "train/configs/") == {}
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml_mapping(tmp_path / "empty.yaml", "Config", "x") == {}
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    for name, match in (("missing.yaml", "not found.*See train/configs/"), ("bad.yaml", "not valid YAML"),
+                        ("list.yaml", "must be a mapping")):
+        for loader in (load_config, load_dpo_config, load_pairs_config):
+            with pytest.raises(ConfigError, match=match):
+                loader(tmp_path / name)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..yamlfile import read_yaml_mapping
 from .perturb import Perturbation
 
 __all__ = ["METRICS", "POLICIES", "PERTURB_SOURCES", "PairsConfig", "load_pairs_config", "config_to_dict"]
@@ -132,18 +133,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_pairs_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PairsConfig:
     """Read a YAML config (defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Pairs config not found: '{path}'. See train/configs/pairs_default.yaml.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Pairs config '{path}' is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"Pairs config '{path}' must be a mapping of keys, got {type(raw).__name__}.")
-    raw = _apply_overrides(raw, overrides or [])
+    raw = _apply_overrides(read_yaml_mapping(path, "Pairs config", "train/configs/pairs_default.yaml"),
+                           overrides or [])
     known = {f.name for f in dataclasses.fields(PairsConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..yamlfile import read_yaml_mapping
 from ..losses import TIMESTEP_SCHEMES
 from ..schedules import TASK_SCHEDULES, Schedule
 
@@ -233,13 +234,5 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file not found: '{path}'. See train/configs/ for examples.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config '{path}' is not valid YAML: {exc}") from exc
+    raw = read_yaml_mapping(path, "Config", "train/configs/")
     return config_from_dict(apply_overrides(raw, overrides or []))

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,7 +25,7 @@ from ..images import load_image
 from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..schedules import TASK_SCHEDULES
 
-__all__ = ["Sample", "read_manifest", "check_references", "fit_area", "write_synthetic_manifest"]
+__all__ = ["Sample", "read_manifest", "read_validated", "check_references", "fit_area", "write_synthetic_manifest"]
 
 log = logging.getLogger("idglow")
 
@@ -102,22 +102,32 @@ def read_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *,
     if not path.is_file():
         raise ManifestError(f"Training manifest not found: '{path}'. Set data.manifest to a JSONL file "
                             f"(one {{\"target\", \"refs\", \"prompt\", \"task\"}} object per line).")
-    problems: list[str] = []
-    samples = []
-    for lineno, item in read_jsonl(path, problems):
-        sample = _parse_line(item, lineno, path.parent, problems)
-        if sample is None:
-            continue
-        if max_ids is not None and len(sample.refs) > max_ids:
-            problems.append(f"line {lineno}: {len(sample.refs)} references, but the adapter takes at most "
-                            f"{max_ids} (model.max_ids)")
-        _check_images(sample, analyzer, problems)
-        samples.append(sample)
-    if not samples and not problems:
-        problems.append("the manifest has no samples")
-    raise_problems(problems, f"Training manifest '{path}'")
+    samples = read_validated(path, _parse_line, lambda s, problems: _check_images(s, analyzer, problems),
+                             what="Training manifest", noun="samples", max_ids=max_ids)
     log.info("manifest %s: %d samples validated", path, len(samples))
     return samples
+
+
+def read_validated(path: Path, parse: Callable, check: Callable, *, what: str, noun: str,
+                   max_ids: int | None = None) -> list:
+    """The loop every training manifest shares: parse each JSONL object (``parse(item, line, folder,
+    problems)``), cap the references at ``max_ids``, ``check(parsed, problems)`` its files, and raise one
+    :class:`ManifestError` listing every problem with its line number."""
+    problems: list[str] = []
+    items = []
+    for lineno, raw in read_jsonl(path, problems):
+        item = parse(raw, lineno, path.parent, problems)
+        if item is None:
+            continue
+        if max_ids is not None and len(item.refs) > max_ids:
+            problems.append(f"line {lineno}: {len(item.refs)} references, but the adapter takes at most "
+                            f"{max_ids} (model.max_ids)")
+        check(item, problems)
+        items.append(item)
+    if not items and not problems:
+        problems.append(f"the manifest has no {noun}")
+    raise_problems(problems, f"{what} '{path}'")
+    return items
 
 
 def fit_area(image: np.ndarray, area: int, multiple: int = 32) -> np.ndarray:

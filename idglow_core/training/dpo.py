@@ -46,6 +46,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
+from ..yamlfile import read_yaml_mapping
 from ..losses import add_noise, per_sample_mse, sample_timesteps, velocity_target, weighted_margin_dpo_loss
 from ..schedules import Schedule
 from .config import LossConfig, TrainConfig, coerce_value, apply_overrides, config_from_dict, config_to_dict
@@ -96,16 +97,7 @@ class DPORunConfig:
 def load_dpo_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DPORunConfig:
     """Read a YAML config with the usual sections plus ``dpo:`` and apply ``section.key=value`` overrides.
     ``run.output_dir`` defaults to ``runs/dpo``."""
-    raw: dict[str, Any] = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file not found: '{path}'. See train/configs/dpo_*.yaml for examples.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config '{path}' is not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(read_yaml_mapping(path, "Config", "train/configs/dpo_*.yaml"), overrides or [])
     dpo_raw = dict(raw.pop("dpo", None) or {})
     raw.setdefault("run", {}).setdefault("output_dir", "runs/dpo")
     kinds = {f.name: str(f.type) for f in fields(DPOConfig)}

@@ -31,8 +31,8 @@ from ..errors import ConfigError, ImageReadError, ManifestError
 from ..faces.base import Face, FaceAnalyzer
 from ..images import load_image
 from ..schedules import TASK_SCHEDULES
-from ..jsonl import raise_problems, read_jsonl, resolve_path
-from .data import Sample, check_references, fit_area
+from ..jsonl import resolve_path
+from .data import Sample, check_references, fit_area, read_validated
 
 __all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
            "encode_pairs"]
@@ -110,20 +110,8 @@ def read_pair_manifest(path: str | Path, analyzer: FaceAnalyzer | None = None, *
         raise ManifestError(f"DPO manifest not found: '{path}'. Set data.manifest to a JSONL file with one "
                             f"{{\"chosen\", \"rejected\", \"refs\", \"prompt\", \"task\"}} object per line "
                             f"(train/make_pairs.py writes one).")
-    problems: list[str] = []
-    pairs = []
-    for lineno, item in read_jsonl(path, problems):
-        pair = _parse_line(item, lineno, path.parent, problems)
-        if pair is None:
-            continue
-        if max_ids is not None and len(pair.refs) > max_ids:
-            problems.append(f"line {lineno}: {len(pair.refs)} references, but the adapter takes at most "
-                            f"{max_ids} (model.max_ids)")
-        _check_pair(pair, analyzer, resolution, problems)
-        pairs.append(pair)
-    if not pairs and not problems:
-        problems.append("the manifest has no pairs")
-    raise_problems(problems, f"DPO manifest '{path}'")
+    pairs = read_validated(path, _parse_line, lambda p, problems: _check_pair(p, analyzer, resolution, problems),
+                           what="DPO manifest", noun="pairs", max_ids=max_ids)
     log.info("DPO manifest %s: %d pairs validated", path, len(pairs))
     return pairs
 
