@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from idglow_core.errors import InputError
 
 __all__ = ["FaceAnalyzerType", "IdsType", "AdapterType", "ScheduleType", "CATEGORY", "register_model_folders",
-           "progress", "subfolders"]
+           "progress", "subfolders", "reference_image_inputs"]
 
 CATEGORY = "IdGlow"
 FaceAnalyzerType = io.Custom("IDGLOW_FACE_ANALYZER")
@@ -29,6 +29,14 @@ AdapterType = io.Custom("IDGLOW_ADAPTER")
 ScheduleType = io.Custom("IDGLOW_SCHEDULE")
 
 MODEL_FOLDERS = {"insightface": set(), "idglow": {".safetensors"}, "aesthetic": set()}
+
+
+def reference_image_inputs(batch_tooltip: str, numbered_tooltip: str, count: int = 4) -> list:
+    """The reference-portrait inputs of every node that takes identities: an optional batch ``images`` plus
+    ``count`` optional single images of any size (``numbered_tooltip`` is formatted with ``i``)."""
+    return [io.Image.Input("images", optional=True, tooltip=batch_tooltip),
+            *[io.Image.Input(f"image{i}", optional=True, tooltip=numbered_tooltip.format(i=i))
+              for i in range(1, count + 1)]]
 
 
 def register_model_folders() -> None:

@@ -10,7 +10,7 @@ from idglow_core.errors import ModelNotFoundError
 from idglow_core.faces import BACKENDS, load_analyzer
 from idglow_core.faces.insightface_backend import find_buffalo_dir
 
-from ._comfy import CATEGORY, FaceAnalyzerType, IdsType, progress
+from ._comfy import CATEGORY, FaceAnalyzerType, IdsType, progress, reference_image_inputs
 from ._convert import check_choice, collect_references, image_batch_to_numpy, numpy_to_image_batch
 from ._ops import annotate, encode_identities, score_images
 
@@ -70,18 +70,14 @@ class IdGlowFaceAnalyzerLoader(io.ComfyNode):
 class IdGlowMultiIDEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        image_inputs = [io.Image.Input(f"image{i}", optional=True,
-                                       tooltip=f"Reference portrait {i} (any size), after those of 'images'.")
-                        for i in range(1, 5)]
         return io.Schema(
             node_id="IdGlowMultiIDEncode", display_name="IdGlow Multi-ID Encode", category=CATEGORY,
             description="Finds one face per reference image and embeds it (ArcFace with insightface). The order of "
                         "the references is the order of the identities: Picture 1, Picture 2, ... in the prompt.",
             inputs=[
                 FaceAnalyzerType.Input("analyzer", tooltip="From IdGlow Face Analyzer Loader."),
-                io.Image.Input("images", optional=True,
-                               tooltip="A batch of reference portraits, one person per image (same size)."),
-                *image_inputs,
+                *reference_image_inputs("A batch of reference portraits, one person per image (same size).",
+                                        "Reference portrait {i} (any size), after those of 'images'."),
                 io.Combo.Input("face", options=list(FACE_CHOICES), default="largest",
                                tooltip="Which face of each reference to use: the largest, or the one at "
                                        "'face_index' counted left to right."),

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from idglow_core.errors import InputError
 from idglow_core.prompting import TASKS, EnrichConfig, enrich_prompt_from_tensors, load_vlm
 
-from ._comfy import CATEGORY
+from ._comfy import CATEGORY, reference_image_inputs
 from ._convert import check_choice
 
 log = logging.getLogger("idglow")
@@ -104,9 +104,6 @@ class IdGlowVLMLoader(io.ComfyNode):
 class IdGlowPromptEnricher(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        image_inputs = [io.Image.Input(f"image{i}", optional=True,
-                                       tooltip=f"Reference portrait {i}, after those of 'images'.")
-                        for i in range(1, 5)]
         return io.Schema(
             node_id="IdGlowPromptEnricher", display_name="IdGlow Prompt Enricher", category=CATEGORY,
             description="Writes a precise prompt from the reference portraits and your instruction: each person "
@@ -114,9 +111,8 @@ class IdGlowPromptEnricher(io.ComfyNode):
                         "the VLM's answer misses a person or the task, it retries once, then uses the static template.",
             inputs=[
                 VLMType.Input("vlm", tooltip="From IdGlow VLM Loader."),
-                io.Image.Input("images", optional=True,
-                               tooltip="A batch of reference portraits (one person each), Picture 1 first."),
-                *image_inputs,
+                *reference_image_inputs("A batch of reference portraits (one person each), Picture 1 first.",
+                                        "Reference portrait {i}, after those of 'images'."),
                 io.String.Input("instruction", multiline=True, default="A natural group photo in a sunny park.",
                                 tooltip="What the photo should show (scene, mood, activity)."),
                 io.Combo.Input("task", options=list(TASKS), default="group",
