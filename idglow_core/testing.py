@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["SPECIAL_TOKENS", "tiny_transformer", "tiny_vae", "tiny_scheduler", "tiny_tokenizer", "tiny_processor",
            "tiny_text_encoder", "tiny_edit_pipeline", "save_tiny_pipeline", "small_edit_images",
-           "random_embeddings"]
+           "random_embeddings", "OneFaceAnalyzer"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -182,3 +182,21 @@ def random_embeddings(k: int, dim: int = 512, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(k, dim, generator=g)
     return e / e.norm(dim=-1, keepdim=True)
+
+
+class OneFaceAnalyzer:
+    """A :class:`~idglow_core.faces.FaceAnalyzer` stand-in that finds one fixed, centred face in every image, with
+    an 8-d embedding derived from the image's mean colour: fast and deterministic, so trainer smoke tests can run
+    the ID-loss path on a tiny random model whose decoded images hold no real face."""
+
+    name, embedding_dim = "stub", 8
+
+    def analyze(self, image):
+        import numpy as np
+
+        from .faces.base import Face
+
+        h, w = image.shape[:2]
+        kps = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]], np.float32) * [w, h]
+        emb = np.resize(image.reshape(-1, 3).mean(0), 8).astype(np.float32) + np.arange(8, dtype=np.float32)
+        return [Face(np.array([0, 0, w, h], np.float32), kps.astype(np.float32), 1.0, emb / np.linalg.norm(emb))]

@@ -7,14 +7,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from idglow_core.errors import ConfigError, ModelNotFoundError
-from idglow_core.faces.base import Face
+from idglow_core.testing import OneFaceAnalyzer
 from idglow_core.training.dpo import find_init_weights, load_dpo_config, load_init_weights, run_dpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +21,7 @@ TINY = ROOT / "train" / "configs" / "dpo_tiny_cpu.yaml"
 DPO_KEYS = {"loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "implicit_acc", "lr"}
 
 
-class StubAnalyzer:
-    """One fixed face in every image (8-d embedding from the image's colours): fast, deterministic."""
-
-    name, embedding_dim = "stub", 8
-
-    def analyze(self, image):
-        h, w = image.shape[:2]
-        kps = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]], np.float32) * [w, h]
-        emb = np.resize(image.reshape(-1, 3).mean(0), 8).astype(np.float32) + np.arange(8, dtype=np.float32)
-        return [Face(np.array([0, 0, w, h], np.float32), kps.astype(np.float32), 1.0, emb / np.linalg.norm(emb))]
+StubAnalyzer = OneFaceAnalyzer  # one fixed face in every image (8-d embedding from the image's colours)
 
 
 @pytest.fixture(scope="module")

@@ -214,17 +214,8 @@ def test_config_field_and_real_scale_config():
 
 
 def test_run_sft_wires_crop_mode(tmp_path):
-    from idglow_core.faces.base import Face
+    from idglow_core.testing import OneFaceAnalyzer as OneFace  # one face per image for two references
     from idglow_core.training.sft import run_sft
-
-    class OneFace:  # one face per image for two references: one matched, one missing
-        name, embedding_dim = "stub", 8
-
-        def analyze(self, image):
-            h, w = image.shape[:2]
-            kps = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]], np.float32) * [w, h]
-            emb = np.resize(image.reshape(-1, 3).mean(0), 8).astype(np.float32) + np.arange(8, dtype=np.float32)
-            return [Face(np.array([0, 0, w, h], np.float32), kps.astype(np.float32), 1.0, emb / np.linalg.norm(emb))]
 
     tiny = Path(__file__).resolve().parents[1] / "train" / "configs" / "tiny_cpu.yaml"
     rows = {}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from idglow_core.errors import ConfigError
-from idglow_core.faces.base import Face
+from idglow_core.testing import OneFaceAnalyzer
 from idglow_core.training import load_config
 from idglow_core.training.sft import run_sft
 
@@ -26,14 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "train" / "configs" / "tiny_cpu.yaml"
 
 
-class StubAnalyzer:
-    name, embedding_dim = "stub", 8
-
-    def analyze(self, image):
-        h, w = image.shape[:2]
-        kps = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]], np.float32) * [w, h]
-        emb = np.resize(image.reshape(-1, 3).mean(0), 8).astype(np.float32) + np.arange(8, dtype=np.float32)
-        return [Face(np.array([0, 0, w, h], np.float32), kps.astype(np.float32), 1.0, emb / np.linalg.norm(emb))]
+StubAnalyzer = OneFaceAnalyzer  # one fixed face in every image
 
 
 @pytest.fixture(scope="module")
