@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from idglow_core.errors import ConfigError
+from idglow_core.images import load_image
 from idglow_core.testing import OneFaceAnalyzer
 from idglow_core.training import load_config
 from idglow_core.training.sft import run_sft
@@ -71,6 +72,9 @@ def test_three_steps_train_adapter_and_lora_not_the_base(lora_run, cache_dir):
     assert set(trained) == set(base) and all(torch.equal(trained[k], base[k]) for k in base)
     assert "val/facesim" not in result.history[1]  # validation FaceSim every 3 steps
     assert -1.0 <= row["val/facesim"] <= 1.0 and row["val/faces_found"] == 1.0  # the stub finds one face
+    val_dir = Path(cfg.run.output_dir) / "validation"  # the validation images themselves
+    shots = sorted(p.name for p in val_dir.iterdir())
+    assert shots == ["step-00000003-0.png"] and load_image(val_dir / shots[0]).shape[2] == 3
     metrics = [json.loads(x) for x in (Path(cfg.run.output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and {"loss/flow", "loss/id", "omega/mean", "lr"} <= set(metrics[0])
 

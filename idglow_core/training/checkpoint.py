@@ -37,7 +37,7 @@ __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoin
 log = logging.getLogger("idglow")
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-RUN_ITEMS = ("checkpoints", "final", "logs", "config.yaml")  # what a run writes (and --overwrite removes)
+RUN_ITEMS = ("checkpoints", "final", "logs", "validation", "config.yaml")  # what a run writes (--overwrite removes it)
 
 
 @dataclass
@@ -139,7 +139,7 @@ def prepare_output_dir(output_dir: str | Path, *, resume: str = "", overwrite: b
     - ``resume="latest"``: the newest checkpoint in ``output_dir`` (ConfigError if there is none).
     - ``resume=<path>``: that checkpoint folder.
     - otherwise a non-empty ``output_dir`` is refused unless ``overwrite`` (which deletes only what a run
-      writes: checkpoints/, final/, logs/, config.yaml).
+      writes: checkpoints/, final/, logs/, validation/, config.yaml).
     """
     out = Path(output_dir)
     if resume:

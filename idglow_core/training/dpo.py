@@ -320,7 +320,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
         from .sft import vae_decoder
         from .validate import FaceSimValidator
         validator = FaceSimValidator(encoded[: tc.run.validate_samples], collate, vae_decoder(pipe.vae), analyzer,
-                                     steps=tc.run.validate_steps, seed=tc.run.seed)
+                                     steps=tc.run.validate_steps, seed=tc.run.seed,
+                                     out_dir=Path(tc.run.output_dir) / "validation")
     parts = LoopParts(module=module, samples=encoded, collate=collate_pairs, step_fn=DPOStep(tc.loss, cfg.dpo),
                       export=lambda m, folder, state: export_weights(m, folder, tc.run.train, meta, state),
                       validate=validator)

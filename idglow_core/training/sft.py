@@ -176,7 +176,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     if cfg.run.validate_every:
         from .validate import FaceSimValidator
         validator = FaceSimValidator(encoded[: cfg.run.validate_samples], collate, vae_decoder(pipe.vae), analyzer,
-                                     steps=cfg.run.validate_steps, seed=cfg.run.seed)
+                                     steps=cfg.run.validate_steps, seed=cfg.run.seed,
+                                     out_dir=Path(cfg.run.output_dir) / "validation")
     parts = LoopParts(module=module, samples=encoded, collate=collate, step_fn=step,
                       export=lambda m, folder, state: export_weights(m, folder, cfg.run.train, meta, state),
                       validate=validator)
