@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..testing import SPECIAL_TOKENS
 from .vlm import VLMBundle, offline_processor_class
 
 __all__ = ["TINY_FAMILIES", "SPECIAL_TOKENS", "CHAT_TEMPLATE", "build_tokenizer", "build_processor", "build_tiny_vlm",
            "save_tiny_vlm"]
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 # Qwen2-VL style chat template: string or structured content, one vision block per image entry.
 CHAT_TEMPLATE = (

@@ -42,18 +42,25 @@ class Sample:
     ref_faces: list[Face] = field(default_factory=list)
 
 
-def _parse_line(item: dict, lineno: int, root: Path, problems: list[str]) -> Sample | None:
-    target, refs, prompt = item.get("target"), item.get("refs"), item.get("prompt", "")
-    task = item.get("task", "group")
-    bad = []
-    if not isinstance(target, str) or not target:
-        bad.append("'target' must be an image path")
+def check_common_fields(item: dict, image_keys: tuple[str, ...]) -> list[str]:
+    """What is wrong with the fields every training manifest shares: ``image_keys`` (one image path each),
+    ``refs``, ``prompt`` and ``task``."""
+    bad = [f"'{key}' must be an image path" for key in image_keys
+           if not isinstance(item.get(key), str) or not item.get(key)]
+    refs, prompt, task = item.get("refs"), item.get("prompt", ""), item.get("task", "group")
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r for r in refs):
         bad.append("'refs' must be a non-empty list of image paths")
     if not isinstance(prompt, str):
         bad.append("'prompt' must be a string")
     if task not in TASK_SCHEDULES:
         bad.append(f"'task' must be one of {sorted(TASK_SCHEDULES)}, got {task!r}")
+    return bad
+
+
+def _parse_line(item: dict, lineno: int, root: Path, problems: list[str]) -> Sample | None:
+    target, refs, prompt = item.get("target"), item.get("refs"), item.get("prompt", "")
+    task = item.get("task", "group")
+    bad = check_common_fields(item, ("target",))
     if bad:
         problems.append(f"line {lineno}: " + "; ".join(bad))
         return None

@@ -47,10 +47,11 @@ from accelerate.utils import set_seed
 
 from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
 from ..yamlfile import read_yaml_mapping
-from ..losses import add_noise, per_sample_mse, sample_timesteps, velocity_target, weighted_margin_dpo_loss
+from ..losses import add_noise, per_sample_mse, velocity_target, weighted_margin_dpo_loss
 from ..schedules import Schedule
 from .config import LossConfig, TrainConfig, coerce_value, apply_overrides, config_from_dict, config_to_dict
 from .loop import LoopParts, LoopResult, StepOutput, make_accelerator, prepare_run, run_loop
+from .sft import draw_t_and_noise
 
 __all__ = ["DPOConfig", "DPORunConfig", "load_dpo_config", "dpo_config_to_dict", "reference_policy", "DPOStep",
            "InitWeights", "find_init_weights", "load_init_weights", "run_dpo"]
@@ -167,18 +168,11 @@ class DPOStep:
                  reference: Callable[[nn.Module], ContextManager] = reference_policy):
         self.loss, self.dpo, self.reference = loss, dpo, reference
 
-    def _draw(self, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.loss
-        t = sample_timesteps(z0.shape[0], scheme=c.timestep_scheme, logit_mean=c.logit_mean,
-                             logit_std=c.logit_std, shift=c.timestep_shift, generator=generator)
-        eps = torch.randn(z0.shape, generator=generator)
-        return t.to(z0.device), eps.to(device=z0.device, dtype=z0.dtype)
-
     def __call__(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
         device = next(module.parameters()).device
         z_w, z_l = batch["latents"].to(device), batch["latents_rejected"].to(device)  # [B, C, 1, h, w] each
         b = z_w.shape[0]
-        t, eps = self._draw(z_w, generator)                        # one t and one noise per pair ...
+        t, eps = draw_t_and_noise(self.loss, z_w, generator)                        # one t and one noise per pair ...
         t2, eps2 = _twice(t), _twice(eps)                          # ... shared by chosen and rejected
         z0 = torch.cat([z_w, z_l])                                 # [2B, ...]: chosen first, then rejected
         z_t = add_noise(z0, eps2, t2)                              # z_t = (1 - t) z0 + t eps

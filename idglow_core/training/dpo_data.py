@@ -30,9 +30,8 @@ from PIL import Image
 from ..errors import ConfigError, ImageReadError, ManifestError
 from ..faces.base import Face, FaceAnalyzer
 from ..images import load_image
-from ..schedules import TASK_SCHEDULES
 from ..jsonl import resolve_path
-from .data import Sample, check_references, fit_area, read_validated
+from .data import Sample, check_common_fields, check_references, fit_area, read_validated
 
 __all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
            "encode_pairs"]
@@ -60,14 +59,7 @@ class PairSample:
 
 def _parse_line(item: dict, lineno: int, root: Path, problems: list[str]) -> PairSample | None:
     refs, prompt, task = item.get("refs"), item.get("prompt", ""), item.get("task", "group")
-    bad = [f"'{key}' must be an image path" for key in ("chosen", "rejected")
-           if not isinstance(item.get(key), str) or not item.get(key)]
-    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r for r in refs):
-        bad.append("'refs' must be a non-empty list of image paths")
-    if not isinstance(prompt, str):
-        bad.append("'prompt' must be a string")
-    if task not in TASK_SCHEDULES:
-        bad.append(f"'task' must be one of {sorted(TASK_SCHEDULES)}, got {task!r}")
+    bad = check_common_fields(item, ("chosen", "rejected"))
     if not bad and item["chosen"] == item["rejected"]:
         bad.append("'chosen' and 'rejected' are the same file")
     if bad:

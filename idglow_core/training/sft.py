@@ -23,7 +23,7 @@ from .config import LossConfig, TrainConfig
 from .identity import IdentityLoss, analyzer_detector, tiny_arcface
 from .loop import LoopParts, LoopResult, StepOutput, make_accelerator, prepare_run, run_loop
 
-__all__ = ["SFTStep", "run_sft", "vae_decoder", "build_identity_loss"]
+__all__ = ["SFTStep", "run_sft", "vae_decoder", "build_identity_loss", "draw_t_and_noise"]
 
 log = logging.getLogger("idglow")
 REPO_PHOTOS = ("obama.jpg", "biden.jpg", "obama2.jpg", "obama3.jpg")
@@ -49,6 +49,16 @@ def vae_decoder(vae, tiled: bool = False) -> Callable[[torch.Tensor], torch.Tens
     return decode
 
 
+def draw_t_and_noise(loss: LossConfig, z0: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 lines 3-4: t ``[B]`` from ``loss``'s timestep scheme and eps like ``z0``, both from
+    ``generator`` (so a resumed run draws the same), moved to ``z0``'s device."""
+    t = sample_timesteps(z0.shape[0], scheme=loss.timestep_scheme, logit_mean=loss.logit_mean,
+                         logit_std=loss.logit_std, shift=loss.timestep_shift, generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    return t.to(z0.device), eps.to(device=z0.device, dtype=z0.dtype)
+
+
 class SFTStep:
     """One SFT micro-step: ``(module, batch, generator) -> StepOutput`` for :func:`run_loop`.
 
@@ -63,17 +73,10 @@ class SFTStep:
         self.omega = loss.omega
         self.counts = {"samples": 0, "id_loss_ran": 0, "images_without_face": 0, "refs_missing": 0}
 
-    def _draw(self, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        t = sample_timesteps(z0.shape[0], scheme=c.timestep_scheme, logit_mean=c.logit_mean,
-                             logit_std=c.logit_std, shift=c.timestep_shift, generator=generator)
-        eps = torch.randn(z0.shape, generator=generator)
-        return t.to(z0.device), eps.to(device=z0.device, dtype=z0.dtype)
-
     def __call__(self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
         device = next(module.parameters()).device
         z0 = batch["latents"].to(device)
-        t, eps = self._draw(z0, generator)                            # Algorithm 1 line 3
+        t, eps = draw_t_and_noise(self.cfg, z0, generator)                            # Algorithm 1 line 3
         z_t = add_noise(z0, eps, t)                                    # line 4
         v = module(z_t, t, [r.to(device) for r in batch["ref_latents"]], batch["prompt_embeds"].to(device),
                    batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device))
