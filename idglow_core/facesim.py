@@ -9,6 +9,10 @@ Two summaries, because the paper's "FaceSim" is ambiguous when a face is missing
 - ``strict``: sum of matched similarities / k. A reference with no generated face counts 0 (the paper's Eq. 3
   averages over all k references).
 - ``matched``: the mean over matched pairs only (what most single-face evaluations report).
+
+And one confusion measure from the multi-ID literature (WithAnyone's ID-Conf): for each reference, how far its
+best generated face stands above the runner-up, ``(top1 - top2) / top1`` (:func:`id_conf`). 1 = one clear
+match, 0 = two faces look equally like that person (the identities are blended or duplicated).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .errors import InputError
 
-__all__ = ["FaceSimResult", "match_identities", "cosine_matrix", "id_loss"]
+__all__ = ["FaceSimResult", "match_identities", "cosine_matrix", "id_conf", "id_loss"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ class FaceSimResult:
     none. similarity: ``[k]`` matched cosine per reference, 0.0 where unmatched. strict: ``sum(similarity) / k``.
     matched: mean over matched pairs (NaN when nothing matched). count_ok: ``m == k``. confusion: mean
     similarity of the pairs off the assignment between matched references and generated faces (how alike the
-    *wrong* people look; NaN where there are none).
+    *wrong* people look; NaN where there are none). id_conf: ``[k]`` ID-Conf per reference (:func:`id_conf`);
+    id_conf_mean: their mean over references where it is defined (NaN when none is).
     """
 
     matrix: np.ndarray
@@ -41,6 +46,8 @@ class FaceSimResult:
     matched: float
     count_ok: bool
     confusion: float
+    id_conf: np.ndarray
+    id_conf_mean: float
 
     def to_dict(self) -> dict:
         """JSON-ready dict (NaN becomes None)."""
@@ -53,6 +60,8 @@ class FaceSimResult:
             "facesim_matched": clean(self.matched),
             "count_ok": bool(self.count_ok),
             "confusion": clean(self.confusion),
+            "id_conf": [clean(float(c)) for c in self.id_conf],
+            "id_conf_mean": clean(self.id_conf_mean),
         }
 
 
@@ -79,6 +88,29 @@ def cosine_matrix(ref, gen) -> np.ndarray:
     ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
     gen = gen / np.maximum(np.linalg.norm(gen, axis=1, keepdims=True), 1e-12)
     return ref @ gen.T
+
+
+def id_conf(matrix) -> np.ndarray:
+    """ID-Conf per reference from the ``[k, m]`` cosine matrix: ``(top1 - top2) / top1`` over the m faces.
+
+    top1/top2 are the reference's best and second-best cosine over the generated faces, negative cosines counted
+    as 0 (a face less like the person than a random one is no rival). With one face, top2 = 0 and ID-Conf = 1.
+    NaN where it is undefined: no face (m = 0) or top1 <= 0 (no face resembles the reference at all).
+    Example: cosines [0.8, 0.6] -> (0.8 - 0.6) / 0.8 = 0.25.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2:
+        raise InputError(f"id_conf expects a [k, m] cosine matrix, got shape {matrix.shape}.")
+    k, m = matrix.shape
+    out = np.full(k, np.nan)
+    if m == 0:
+        return out
+    top = -np.sort(-np.maximum(matrix, 0.0), axis=1)  # descending per reference
+    top1 = top[:, 0]
+    top2 = top[:, 1] if m > 1 else np.zeros(k)
+    ok = top1 > 0
+    out[ok] = (top1[ok] - top2[ok]) / top1[ok]
+    return out
 
 
 def _assign(matrix: np.ndarray) -> np.ndarray:
@@ -117,8 +149,11 @@ def match_identities(ref, gen) -> FaceSimResult:
         confusion = float(off.mean())
     else:
         confusion = float("nan")
+    conf = id_conf(matrix)
+    conf_mean = float(np.nanmean(conf)) if np.isfinite(conf).any() else float("nan")
     return FaceSimResult(matrix=matrix, assignment=assignment, similarity=similarity, strict=strict,
-                         matched=matched, count_ok=(m == k), confusion=confusion)
+                         matched=matched, count_ok=(m == k), confusion=confusion, id_conf=conf,
+                         id_conf_mean=conf_mean)
 
 
 def id_loss(ref: torch.Tensor, gen: torch.Tensor, missing_value: float = 1.0) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_facesim_command_on_biden_left_obama_right(tmp_path, data_dir, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"faces", "assignment", "similarity", "facesim_strict", "facesim_matched", "count_ok",
-                        "confusion"}
+                        "confusion", "id_conf", "id_conf_mean"}
     assert out["assignment"] == [1, 0] and out["count_ok"] is True
     assert len(out["faces"]) == 2 and out["faces"][0][0] < out["faces"][1][0]
     assert out["facesim_strict"] == pytest.approx(np.mean(out["similarity"]))

@@ -124,3 +124,25 @@ def test_id_loss_gradient_flows_only_through_matched_faces():
     id_loss(ref, gen).backward()
     assert gen.grad[0].abs().sum() == 0  # unmatched face gets no gradient
     assert gen.grad[1].abs().sum() > 0
+
+
+def test_id_conf_against_hand_values():
+    from idglow_core.facesim import id_conf
+    S = np.array([[0.8, 0.6, 0.1],     # (0.8 - 0.6) / 0.8 = 0.25
+                  [0.5, -0.3, 0.5],    # two equal best faces: (0.5 - 0.5) / 0.5 = 0
+                  [0.9, -0.2, -0.4],   # rivals below 0 count as 0: (0.9 - 0) / 0.9 = 1
+                  [-0.1, -0.2, -0.3]])  # nothing resembles this reference: undefined
+    c = id_conf(S)
+    np.testing.assert_allclose(c[:3], [0.25, 0.0, 1.0])
+    assert math.isnan(c[3])
+    np.testing.assert_allclose(id_conf(np.array([[0.7], [0.4]])), [1.0, 1.0])  # one face: no runner-up
+    assert np.isnan(id_conf(np.zeros((2, 0)))).all()
+
+
+def test_match_identities_reports_id_conf_mean():
+    ref = np.stack([E[0], E[1]])
+    gen = np.stack([unit(0.8, 0.6, 0), unit(0.6, 0, 0.8)])  # ref0 cos 0.8 / 0.6, ref1 cos 0.6 / 0
+    r = match_identities(ref, gen)
+    np.testing.assert_allclose(r.id_conf, [0.25, 1.0])
+    assert r.id_conf_mean == pytest.approx(0.625)
+    assert r.to_dict()["id_conf"] == pytest.approx([0.25, 1.0])

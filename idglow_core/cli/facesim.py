@@ -39,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  reference {j + 1} ({args.refs[j]}) -> {target}, similarity {s:.4f}")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"facesim_strict {fmt(out['facesim_strict'])}  facesim_matched {fmt(out['facesim_matched'])}  "
-          f"count_ok {out['count_ok']}  confusion {fmt(out['confusion'])}")
+          f"count_ok {out['count_ok']}  confusion {fmt(out['confusion'])}  ID-Conf {fmt(out['id_conf_mean'])}")
     return 0
