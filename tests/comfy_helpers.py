@@ -92,7 +92,8 @@ def boot_comfy() -> dict:
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     custom = Path(tempfile.mkdtemp(prefix="idglow_custom_nodes_"))
     (custom / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
-    folder_paths.add_model_folder_path("custom_nodes", str(custom))
+    # Only this checkout: a copy of the pack that is also installed in ComfyUI's own custom_nodes/ is not seen.
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
     before = set(nodes.NODE_CLASS_MAPPINGS)
     loaded = asyncio.run(nodes.load_custom_node(str(custom / PACK_DIR_NAME), ignore=before))
     pack_name = str(custom / PACK_DIR_NAME).replace(".", "_x_")
@@ -159,12 +160,14 @@ def workflow_builder() -> types.ModuleType:
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
-def ui_to_api(workflow: dict, info: dict) -> tuple[dict, list[str]]:
+def ui_to_api(workflow: dict, info: dict, older_nodes_ok: bool = False) -> tuple[dict, list[str]]:
     """Convert a UI workflow to the API prompt the editor would queue (its ``graphToPrompt``, common cases).
 
     Virtual nodes and muted (mode 2) nodes are dropped; bypassed (mode 4) nodes pass their same-typed input on;
     widget values are mapped by the schema's widget order; links win over widget values. Returns the prompt and
-    a list of problems (unknown node types, widget-count mismatches).
+    a list of problems (unknown node types, widget-count mismatches). ``older_nodes_ok``: a node saved with fewer
+    widget values than its schema has (saved before a widget was added) gets the schema's defaults for the missing
+    trailing ones, as the editor does, instead of a problem (for files saved by other ComfyUI versions).
     """
     by_id = {n["id"]: n for n in workflow["nodes"]}
     links = {l[0]: l for l in workflow["links"]}  # [id, from node, from slot, to node, to slot, type]
@@ -188,7 +191,9 @@ def ui_to_api(workflow: dict, info: dict) -> tuple[dict, list[str]]:
             problems.append(f"node {node['id']}: unknown type {node['type']}")
             continue
         slots = workflow_builder().widget_slots(spec)
-        values = node.get("widgets_values", [])
+        values = list(node.get("widgets_values", []))
+        if older_nodes_ok and len(values) < len(slots):
+            values += [workflow_builder().default_value(spec) for _, spec in slots[len(values):]]
         if len(values) != len(slots):
             problems.append(f"node {node['id']} {node['type']}: {len(values)} widget values, schema has {len(slots)}")
         inputs = {name: ({"__value__": v} if isinstance(v, list) else v)
@@ -217,13 +222,24 @@ def validate(prompt: dict) -> tuple[bool, dict]:
                 for nid, v in node_errors.items()}
 
 
+def new_executor(server: StubServer):
+    """A ``PromptExecutor`` with the classic cache, built the way this ComfyUI's ``main.py`` builds one (0.8.0 reads
+    ``cache_args["ram"]`` after every node and needs the dict; 0.3.64 has no such argument)."""
+    import inspect
+    execution = boot_comfy()["execution"]
+    kwargs = {"cache_type": execution.CacheType.CLASSIC}
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        kwargs["cache_args"] = {"lru": 0, "ram": 0}
+    return execution.PromptExecutor(server, **kwargs)
+
+
 def run_prompt(prompt: dict) -> tuple[dict, list]:
     """Validate and execute an API prompt with ComfyUI's PromptExecutor; returns (outputs' ui, server messages)."""
     execution = boot_comfy()["execution"]
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("idglow-run", prompt, None))
     assert ok, f"validation failed: {error} {node_errors}"
     stub = StubServer()
-    executor = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC)
+    executor = new_executor(stub)
     executor.execute(prompt, "idglow-run", extra_data={}, execute_outputs=outputs)
     failures = [m[1] for m in executor.status_messages if m[0] == "execution_error"]
     assert executor.success, failures[0]["exception_message"] if failures else executor.status_messages

@@ -179,13 +179,16 @@ def test_patch_fires_only_at_the_steps_the_schedule_allows(env, tiny):
 
 
 def test_real_comfyui_main_loads_the_pack(env, tmp_path):
-    """ComfyUI's main.py (its own loader, no repo on sys.path) imports the pack without an import failure."""
-    yaml = tmp_path / "extra_model_paths.yaml"
-    yaml.write_text(f"idglow_test:\n    custom_nodes: {env['custom_nodes']}\n")
+    """ComfyUI's main.py (its own loader, no repo on sys.path) imports the pack without an import failure.
+
+    ``--base-directory`` gives the server its own custom_nodes/ (the pack linked in), so a copy of the pack that
+    a developer also installed in ComfyUI's own custom_nodes/ is not loaded a second time."""
+    base = tmp_path / "base"
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / ch.PACK_DIR_NAME).symlink_to(ch.REPO, target_is_directory=True)
     comfy_dir = ch.comfy_dir_or_skip()
     proc = subprocess.run([sys.executable, "main.py", "--cpu", "--quick-test-for-ci", "--disable-api-nodes",
-                           "--disable-auto-launch", "--extra-model-paths-config", str(yaml),
-                           "--temp-directory", str(tmp_path), "--user-directory", str(tmp_path),
+                           "--disable-auto-launch", "--base-directory", str(base),
                            "--database-url", "sqlite:///:memory:"],
                           cwd=comfy_dir, capture_output=True, text=True, timeout=240,
                           env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
@@ -194,7 +197,7 @@ def test_real_comfyui_main_loads_the_pack(env, tmp_path):
     times = log.split("Import times for custom nodes:")[-1]
     lines = [line for line in times.splitlines() if line.rstrip().endswith(ch.PACK_DIR_NAME)]
     assert len(lines) == 1 and "IMPORT FAILED" not in lines[0], log[-3000:]  # "0.1 seconds: <path>"
-    pack = str(env["custom_nodes"] / ch.PACK_DIR_NAME)
+    pack = str(base / "custom_nodes" / ch.PACK_DIR_NAME)
     assert f"Cannot import {pack}" not in log and "Error while calling comfy_entrypoint" not in log, log[-3000:]
 
 

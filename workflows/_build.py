@@ -57,7 +57,7 @@ def widget_slots(info: dict) -> list[tuple[str | None, list]]:
     return slots
 
 
-def _default(spec):
+def default_value(spec):
     opts = _spec_options(spec)
     if "default" in opts:
         return opts["default"]
@@ -88,7 +88,7 @@ class Graph:
                 values.append("fixed" if spec == "control_after_generate" else "image")
                 continue
             names.add(name)
-            values.append(widgets.pop(name) if name in widgets else _default(spec))
+            values.append(widgets.pop(name) if name in widgets else default_value(spec))
         if widgets:
             raise KeyError(f"{node_type} has no widgets {sorted(widgets)}; its widgets are {sorted(names)}")
         sockets = [{"name": n, "type": s[0] if isinstance(s[0], str) else "COMBO", "link": None}
