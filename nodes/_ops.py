@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from idglow_core.errors import InputError
 from idglow_core.faces import Face, FaceAnalyzer, pick_face
@@ -115,6 +115,17 @@ def score_images(analyzer: FaceAnalyzer, references: torch.Tensor, images: Seque
     return FaceSimSummary(strict=strict, matched=matched, results=results, faces=all_faces)
 
 
+def label_font(size: int) -> ImageFont.ImageFont:
+    """A scalable font for the labels: DejaVu Sans when installed, else PIL's built-in one (scalable since
+    Pillow 10.1)."""
+    for name in ("DejaVuSans-Bold.ttf", "DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
 def annotate(image: np.ndarray, faces: Sequence[Face], result: FaceSimResult) -> np.ndarray:
     """Draw each face's box; matched faces get their reference number and cosine, the others '?' and their best
     cosine. image: ``[H, W, 3]`` uint8 -> a new annotated ``[H, W, 3]`` uint8 array."""
@@ -122,6 +133,7 @@ def annotate(image: np.ndarray, faces: Sequence[Face], result: FaceSimResult) ->
     draw = ImageDraw.Draw(out)
     owner = {int(a): j for j, a in enumerate(result.assignment) if a >= 0}
     width = max(2, round(min(out.size) / 200))
+    font = label_font(max(12, round(min(out.size) / 24)))  # ~1/24 of the short side: readable at preview size
     for i, face in enumerate(faces):
         x1, y1, x2, y2 = (float(v) for v in face.bbox)
         if i in owner:
@@ -131,7 +143,9 @@ def annotate(image: np.ndarray, faces: Sequence[Face], result: FaceSimResult) ->
             best = float(result.matrix[:, i].max()) if result.matrix.size else float("nan")
             colour, text = (128, 128, 128), f"? {best:.2f}"
         draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        ty = max(0.0, y1 - 12)
-        draw.rectangle([x1, ty, x1 + 7 * len(text) + 4, ty + 12], fill=colour)
-        draw.text((x1 + 2, ty), text, fill=(255, 255, 255))
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        pad = max(2, font.size // 6)
+        ty = max(0.0, y1 - (bottom + 2 * pad))
+        draw.rectangle([x1, ty, x1 + right + 2 * pad, ty + bottom + 2 * pad], fill=colour)
+        draw.text((x1 + pad, ty + pad), text, fill=(255, 255, 255), font=font)
     return np.asarray(out)

@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from idglow_core.adapter import IdGlowAdapter
-from idglow_core.errors import InputError
+from idglow_core.errors import InputError, ModelNotFoundError
 
 from ._comfy import CATEGORY, AdapterType, IdsType, ScheduleType
 from ._convert import check_choice, parse_weights
@@ -20,6 +20,15 @@ from .patch import APPLY_TO, IdGlowPatch, check_adapter_fits, mark_positive
 log = logging.getLogger("idglow")
 
 _WEIGHT_TIP = "Identity strength; the injected residual is weight * Omega(t). 0 leaves the model's output unchanged."
+
+
+def missing_adapter_message(name: str) -> str:
+    """Why an adapter is not there and what to do (IdGlow ships no trained adapter)."""
+    return (f"IdGlow adapter '{name}' is not in the 'idglow' model folders {folder_paths.get_folder_paths('idglow')}. "
+            f"IdGlow ships no trained adapter: train one with train/sft.py (README, 'Training'; the tiny CPU config "
+            f"only checks the set-up) and copy its final/idglow_adapter.safetensors into ComfyUI/models/idglow/, "
+            f"then refresh the page and pick it here. Without an adapter, use the training-free workflow "
+            f"(seed search and identity guidance on the base model).")
 
 
 class IdGlowAdapterLoader(io.ComfyNode):
@@ -34,7 +43,15 @@ class IdGlowAdapterLoader(io.ComfyNode):
             outputs=[AdapterType.Output(display_name="adapter", tooltip="Connect to IdGlow Apply.")])
 
     @classmethod
+    def validate_inputs(cls, adapter_name) -> bool | str:
+        """Checked when the prompt is queued: a missing adapter stops the run before any model is loaded, with
+        what ships, how to make one and where it goes."""
+        return True if adapter_name in folder_paths.get_filename_list("idglow") else missing_adapter_message(adapter_name)
+
+    @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
+        if adapter_name not in folder_paths.get_filename_list("idglow"):
+            raise ModelNotFoundError(missing_adapter_message(adapter_name))
         path = folder_paths.get_full_path_or_raise("idglow", adapter_name)
         device = mm.get_torch_device()
         dtype = torch.bfloat16 if device.type != "cpu" and mm.should_use_bf16(device) else torch.float32

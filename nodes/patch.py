@@ -8,6 +8,12 @@
     scale[b] = weight * Omega(sigma_b)        sigma = transformer_options["sigmas"] (flow time t, read per call)
 
 ``n`` = ``ceil(H/2) * ceil(W/2)`` from the latent ``x``; the reference-latent tokens after them are untouched.
+
+The block index is never trusted blindly: block i's adapter weights applied to another block would corrupt the
+output with no error (newer ComfyUI can restart ``block_index`` at 0 for blocks it offloads). The patch takes
+``transformer_options["block_index"]`` / ``["total_blocks"]`` where ComfyUI sets them (0.8.0), checks them against
+the patch argument and the adapter's depth, and counts its own calls: the c-th call of a forward must be block
+``c mod num_blocks``. Any mismatch raises :class:`BlockIndexError`.
 Because sigma is read at sample time and the schedule is in t units, ModelSampling nodes anywhere in the graph
 do not move the window.
 
@@ -24,13 +30,47 @@ from typing import Any
 import torch
 
 from idglow_core.adapter import IdCondition, IdGlowAdapter
-from idglow_core.errors import IncompatibleAdapterError, InputError
+from idglow_core.errors import IdGlowError, IncompatibleAdapterError, InputError
 
-__all__ = ["IdGlowPatch", "target_token_count", "check_adapter_fits", "mark_positive", "APPLY_TO", "POSITIVE_UUIDS"]
+__all__ = ["IdGlowPatch", "BlockIndexError", "block_index", "target_token_count", "check_adapter_fits", "mark_positive", "APPLY_TO", "POSITIVE_UUIDS"]
 
 log = logging.getLogger("idglow")
 APPLY_TO = ("both", "positive")
 POSITIVE_UUIDS = "idglow_positive_uuids"  # transformer_options key set by mark_positive
+BLOCK_CALLS = "idglow_block_calls"        # transformer_options key: calls of the patch in this forward
+
+
+class BlockIndexError(IdGlowError, RuntimeError):
+    """ComfyUI reported a block index that does not match the block actually running."""
+
+
+def block_index(kw: dict, num_blocks: int) -> int:
+    """The index of the dual-stream block that just ran, checked three ways (see the module docstring).
+
+    kw: the double_block patch argument. num_blocks: the adapter's depth. Raises :class:`BlockIndexError`.
+    """
+    options = kw.get("transformer_options") or {}
+    index = int(kw["block_index"])
+    if "block_index" in options and int(options["block_index"]) != index:
+        raise BlockIndexError(f"ComfyUI passed block_index {index} to the patch but transformer_options says "
+                              f"{options['block_index']}. {_UPDATE}")
+    total = options.get("total_blocks")
+    if total is not None and int(total) != num_blocks:
+        raise BlockIndexError(f"The DiT runs {total} dual-stream blocks but the IdGlow adapter has {num_blocks}. "
+                              f"Use an adapter made for this model.")
+    calls = options.setdefault(BLOCK_CALLS, [0])
+    expected = calls[0] % num_blocks
+    calls[0] += 1
+    if index != expected:
+        raise BlockIndexError(f"The IdGlow patch was called for block_index {index} where block {expected} runs "
+                              f"(call {calls[0]} of this forward). ComfyUI's block numbering is not the blocks' "
+                              f"order here (e.g. an offloading mode that restarts the index at 0), so block "
+                              f"{index}'s adapter weights would land on another block. {_UPDATE}")
+    return index
+
+
+_UPDATE = ("Update ComfyUI-IdGlow, or turn off the offloading option that changes block order, and report the "
+           "ComfyUI version at the IdGlow issue tracker.")
 
 
 def mark_positive(executor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -110,12 +150,13 @@ class IdGlowPatch:
 
     def __call__(self, kw: dict) -> dict:
         img = kw["img"]
+        index = block_index(kw, self.adapter.config.num_blocks)  # checked on every call, injecting or not
         s = self.scales(kw["transformer_options"], img.shape[0])
         if s is None or not bool((s != 0).any()):
             return kw  # Omega(t) = 0 or weight 0: the block output stays bit-identical
         n = min(target_token_count(kw["x"]), img.shape[1])
         c = self.cond
-        res = self.adapter.block_residual(kw["block_index"], img[:, :n], c.tokens, c.mask, s.to(img.device),
+        res = self.adapter.block_residual(index, img[:, :n], c.tokens, c.mask, s.to(img.device),
                                           c.token_weights)
         kw["img"] = torch.cat([img[:, :n] + res.to(img.device), img[:, n:]], dim=1)
         return kw

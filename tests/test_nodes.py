@@ -13,6 +13,7 @@ from idglow_core.adapter import AdapterConfig, IdGlowAdapter
 from idglow_core.errors import ConfigError, IncompatibleAdapterError, InputError, NoFaceError
 from idglow_core.faces import Face
 from idglow_core.schedules import Schedule
+from idglow_core.facesim import match_identities
 
 convert = pack_module("_convert")
 ops = pack_module("_ops")
@@ -175,7 +176,8 @@ def _adapter(blocks: int = 2, hidden: int = 16, seed: int = 0) -> IdGlowAdapter:
 
 def _call(p, img, sigma, chunks=(0,), block=1, x_hw=(4, 6)):
     kw = {"img": img.clone(), "txt": torch.zeros(img.shape[0], 3, 16), "x": torch.zeros(img.shape[0], 16, 1, *x_hw),
-          "block_index": block, "transformer_options": {"sigmas": torch.tensor([sigma]), "cond_or_uncond": list(chunks)}}
+          "block_index": block, "transformer_options": {"sigmas": torch.tensor([sigma]), "cond_or_uncond": list(chunks),
+                                                        patch.BLOCK_CALLS: [block]}}  # blocks 0..block-1 ran before
     return p(kw)["img"]
 
 
@@ -259,3 +261,50 @@ def test_patch_keeps_the_models_dtype_whatever_the_adapters(model_dtype, adapter
     ref = adapter.float().block_residual(1, img[:, :6].float(), cond.tokens.float(), cond.mask, 1.0)
     assert torch.allclose((out[:, :6].float() - img[:, :6].float()), ref, atol=0.05, rtol=0.05)
     assert (out[:, :6] != img[:, :6]).any()
+
+
+def test_annotation_labels_scale_with_the_image():
+    """Labels are ~1/24 of the short side: readable when a 1024 px result is previewed at a few hundred px."""
+    def label_height(scale: int) -> int:
+        img = np.full((100 * scale, 160 * scale, 3), 90, np.uint8)
+        face = _face(20 * scale, 60 * scale, [1, 0, 0])
+        face = Face(bbox=face.bbox * 0 + np.array([20, 40, 80, 100], np.float32) * scale, kps=face.kps * scale,
+                    score=1.0, embedding=face.embedding)
+        res = match_identities(np.array([[1.0, 0, 0]]), face.embedding[None])
+        drawn = ops.annotate(img, [face], res)
+        column = drawn[: 40 * scale, 20 * scale + 1]            # the label box sits above the face box
+        return int((np.abs(column.astype(int) - 90).sum(axis=1) > 0).sum())
+    small, mid, large = label_height(1), label_height(4), label_height(8)
+    assert small >= 12                   # never below a 12 px font
+    assert large >= 30 and large > 1.6 * mid   # 800 px short side: a ~33 px font, growing with the image
+
+
+def _forward_calls(p, indices, total=None, sigma=0.5):
+    """Call the patch as one DiT forward would, once per entry of ``indices`` (the block_index ComfyUI reports)."""
+    options = {"sigmas": torch.tensor([sigma]), "cond_or_uncond": [0]}
+    for i in indices:
+        if total is not None:
+            options.update(total_blocks=total, block_index=i)
+        p({"img": torch.randn(1, 6, 16), "txt": torch.zeros(1, 3, 16), "x": torch.zeros(1, 16, 1, 4, 6),
+           "block_index": i, "transformer_options": options})
+    return options
+
+
+def test_patch_checks_the_block_index_against_its_own_call_count():
+    adapter = _adapter(blocks=4)
+    p = patch.IdGlowPatch(adapter, adapter.condition(torch.randn(1, 2, 8), weight=1.0, schedule=Schedule("constant")))
+    options = _forward_calls(p, [0, 1, 2, 3], total=4)
+    assert options[patch.BLOCK_CALLS] == [4]
+    _forward_calls(p, [0, 1, 2, 3] * 2)                   # a transformer_options dict reused across forwards: fine
+    # Flip-flop offloading that restarts block_index at 0 for the offloaded half: block 0's weights on block 2.
+    with pytest.raises(patch.BlockIndexError, match="block_index 0 where block 2 runs"):
+        _forward_calls(p, [0, 1, 0, 1], total=4)
+    with pytest.raises(patch.BlockIndexError, match="runs 6 dual-stream blocks but the IdGlow adapter has 4"):
+        _forward_calls(p, [0], total=6)
+    options = {"sigmas": torch.tensor([0.5]), "cond_or_uncond": [0], "block_index": 2}
+    with pytest.raises(patch.BlockIndexError, match="block_index 1 to the patch but transformer_options says 2"):
+        p({"img": torch.randn(1, 6, 16), "txt": torch.zeros(1, 3, 16), "x": torch.zeros(1, 16, 1, 4, 6),
+           "block_index": 1, "transformer_options": options})
+    silent = patch.IdGlowPatch(adapter, adapter.condition(torch.randn(1, 2, 8), weight=0.0))
+    with pytest.raises(patch.BlockIndexError):            # checked even where nothing is injected
+        _forward_calls(silent, [0, 1, 0, 1], total=4)
