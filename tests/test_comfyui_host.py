@@ -117,16 +117,25 @@ def _pack(latent: torch.Tensor) -> torch.Tensor:
     return latent[:, :, 0].view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
 
 
-def test_comfyui_patch_and_diffusers_hooks_give_the_same_model_output(env):
+@pytest.mark.parametrize("ref_method", ["index", "index_timestep_zero"])
+def test_comfyui_patch_and_diffusers_hooks_give_the_same_model_output(env, ref_method):
     """One random tiny DiT loaded into both hosts (identical without the adapter), one adapter, the same two
     identities with per-identity weights, a reference latent appended after the target tokens, and two samples at
-    different t (one inside the gate, one outside): the ComfyUI patch and the diffusers hooks agree."""
+    different t (one inside the gate, one outside): the ComfyUI patch and the diffusers hooks agree.
+
+    ``index_timestep_zero``: Qwen-Image-Edit-2511 as trained, its reference latents modulated at t = 0 (ComfyUI's
+    Edit Model Reference Method node, from 0.5; diffusers ``zero_cond_t=True``)."""
+    import inspect
+    if ref_method == "index_timestep_zero" and "index_timestep_zero" not in inspect.getsource(
+            type(ch.build_tiny_qwen(num_layers=0).get_model_object("diffusion_model"))):
+        pytest.skip("this ComfyUI predates Qwen-Image-Edit-2511's reference method (index_timestep_zero)")
     from diffusers import QwenImageTransformer2DModel
     from idglow_core.schedules import Schedule
     torch.manual_seed(0)
     dif = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
                                       attention_head_dim=32, num_attention_heads=2, joint_attention_dim=64,
-                                      axes_dims_rope=(8, 12, 12)).eval()
+                                      axes_dims_rope=(8, 12, 12),
+                                      zero_cond_t=ref_method == "index_timestep_zero").eval()
     with torch.no_grad():
         for p in dif.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
@@ -147,8 +156,8 @@ def test_comfyui_patch_and_diffusers_hooks_give_the_same_model_output(env):
     cond = adapter.condition(ids.embeddings[None], weight=weight, schedule=schedule,
                              id_weights=torch.tensor(id_weights))
     with torch.no_grad():
-        plain = dit(x, t, ctx, ref_latents=[ref])
-        comfy_out = dit(x, t, ctx, ref_latents=[ref], transformer_options=options)
+        plain = dit(x, t, ctx, ref_latents=[ref], ref_latents_method=ref_method)
+        comfy_out = dit(x, t, ctx, ref_latents=[ref], ref_latents_method=ref_method, transformer_options=options)
         kwargs = dict(hidden_states=torch.cat([_pack(x), _pack(ref)], dim=1), encoder_hidden_states=ctx,
                       encoder_hidden_states_mask=torch.ones(2, 7), timestep=t,
                       img_shapes=[[(1, 3, 4), (1, 2, 2)]] * 2, return_dict=False)
@@ -156,6 +165,9 @@ def test_comfyui_patch_and_diffusers_hooks_give_the_same_model_output(env):
         with adapter.attach(dif):
             dif_out = dif(**kwargs, attention_kwargs={"idglow": cond})[0][:, :12]
     assert torch.allclose(_pack(plain), dif_plain, atol=1e-6)  # the two hosts run the same DiT
+    if ref_method == "index_timestep_zero":                      # and the 2511 method is really in force
+        with torch.no_grad():
+            assert not torch.allclose(plain, dit(x, t, ctx, ref_latents=[ref], ref_latents_method="index"))
     delta = _pack(comfy_out) - _pack(plain)
     assert delta[0].abs().max() > 1e-3 and torch.equal(comfy_out[1], plain[1])  # t=0.8 is outside the gate
     assert torch.allclose(_pack(comfy_out), dif_out, atol=1e-5), (_pack(comfy_out) - dif_out).abs().max()
