@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,9 +97,35 @@ def overlaps(geo: dict, gap: float = 0.0) -> list[tuple[str, str]]:
     return bad
 
 
+def run_workflow(page, server, timeout: float = 300.0) -> dict:
+    """Click the editor's Run button and wait until the server's history has the finished prompt; returns its
+    history entry (``status``, ``outputs``). The frontend then has a moment to draw the outputs."""
+    before = set(server.get("/history"))
+    page.locator('button[aria-label="Run"]').first.click()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in server.get("/history").items() if k not in before}
+        done = [v for v in new.values() if v.get("status", {}).get("completed") or
+                v.get("status", {}).get("status_str") == "error"]
+        if done:
+            page.wait_for_timeout(1500)
+            return done[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"the workflow did not finish within {timeout:.0f} s")
+
+
 def dialogs(page) -> list[str]:
     """Texts of the open modal dialogs (missing nodes or models, errors)."""
     return page.evaluate("() => Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)")
+
+
+def close_dialogs(page) -> None:
+    """Close open dialogs as a user would (Escape), e.g. the missing-models dialog after reading it."""
+    for _ in range(3):
+        if not dialogs(page):
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(400)
 
 
 def to_screen(geo: dict, x: float, y: float) -> tuple[float, float]:

@@ -12,7 +12,9 @@ import pytest
 
 import comfy_helpers as ch
 
-WORKFLOWS = ["idglow_task1_group_fusion.json", "idglow_task2_age_transform.json", "idglow_score_facesim.json"]
+WORKFLOWS = sorted(p.name for p in (ch.REPO / "workflows").glob("*.json"))
+TASK1, TASK2, SCORING = "IdGlow group photo (Task 1).json", "IdGlow group as children (Task 2).json", \
+    "IdGlow FaceSim score.json"
 # Inputs naming files a user supplies (model files, input images): absent here, so these errors are expected.
 FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "adapter_name", "image", "model"}
 FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}  # the latter: LoadImage's "Invalid image file"
@@ -43,21 +45,34 @@ def test_workflow_converts_and_validates_except_missing_files(info, name):
     assert problems == []
     types = {p["class_type"] for p in prompt.values()}
     assert {"IdGlowFaceAnalyzerLoader", "IdGlowMultiIDEncode"} <= types
-    if "task" in name:
+    if "Task" in name:
         assert {"UNETLoader", "CLIPLoader", "VAELoader", "TextEncodeQwenImageEditPlus", "KSampler", "VAEDecode",
                 "SaveImage", "IdGlowApply", "IdGlowSchedule", "IdGlowStaticPrompt", "IdGlowAdapterLoader"} <= types
         sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
         assert sampler["widgets_values"][:2] == [42, "fixed"]      # seed + the editor's control_after_generate
         assert not any(p["class_type"] == "IdGlowPromptEnricher" for p in prompt.values())  # muted: not queued
+        methods = {k: p for k, p in prompt.items() if p["class_type"] == "FluxKontextMultiReferenceLatentMethod"}
+        ksampler = next(p for p in prompt.values() if p["class_type"] == "KSampler")["inputs"]
+        assert {ksampler["positive"][0], ksampler["negative"][0]} == set(methods)   # 2511 as trained:
+        assert all(m["inputs"]["reference_latents_method"] == "index_timestep_zero" for m in methods.values())
+    else:   # scoring: every FaceSim output on a display node; the aesthetic branch bypassed (not queued)
+        facesim = next(k for k, p in prompt.items() if p["class_type"] == "IdGlowFaceSim")
+        shown = {p["inputs"]["source"][1] for p in prompt.values()
+                 if p["class_type"] == "PreviewAny" and p["inputs"].get("source", [None])[0] == facesim}
+        assert shown == {0, 1, 2}
+        assert "IdGlowAestheticScore" not in types and any(n["type"] == "IdGlowAestheticScore" and n["mode"] == 4
+                                                           for n in workflow["nodes"])
     ok, errors = ch.validate(prompt)
     unexpected = {nid: [e for e in errs if not (e[0] in FILE_ERRORS and e[1] in FILE_INPUTS)]
                   for nid, errs in errors.items()}
     assert not any(unexpected.values()), unexpected
+    adapter = [e for nid, errs in errors.items() for e in errs if e[1] == "adapter_name"]
+    assert adapter == ([("custom_validation_failed", "adapter_name")] if "Task" in name else [])
     assert any(errors.values()), "expected only the missing model files to fail validation here"
 
 
 def test_static_schedule_and_prompt_wiring(info):
-    task2 = ch.ui_to_api(_load("idglow_task2_age_transform.json"), info)[0]
+    task2 = ch.ui_to_api(_load(TASK2), info)[0]
     schedule = next(p for p in task2.values() if p["class_type"] == "IdGlowSchedule")["inputs"]
     assert (schedule["preset"], schedule["lo"], schedule["hi"]) == ("gate", 0.3, 0.6)   # Eq. 5 window
     static = next(k for k, p in task2.items() if p["class_type"] == "IdGlowStaticPrompt")

@@ -1,5 +1,9 @@
 """Writes the shared IdGlow workflows (ComfyUI UI/litegraph format, what the editor's "Save" produces) and NODES.md.
 
+Nodes are laid out in columns of titled groups at the sizes the real frontend gives them (``node_sizes.json``,
+measured by ``workflows/_measure.py`` in headless Chromium, which also makes the templates' thumbnails and the
+README's screenshots).
+
 The widget order of every node comes from the node schemas (``/object_info`` of a running ComfyUI), so the files
 stay consistent with the nodes. Regenerate after changing a node's inputs::
 
@@ -21,14 +25,14 @@ UNET = "qwen_image_edit_2511_bf16.safetensors"
 CLIP = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE = "qwen_image_vae.safetensors"
 ADAPTER = "idglow_qwen_image_edit_2511.safetensors"
-MODEL_NOTE = f"""IdGlow needs these files (folders are inside ComfyUI/models/):
+MODEL_NOTE = f"""IdGlow needs these files (folders are inside ComfyUI/models/); ComfyUI 0.5 or newer:
 - diffusion_models/{UNET}  (Qwen-Image-Edit-2511, Comfy-Org repack)
 - text_encoders/{CLIP}
 - vae/{VAE}
-- idglow/{ADAPTER}  (an IdGlow adapter: trained with train/sft.py, or a released one)
+- idglow/{ADAPTER}: an IdGlow adapter. None ships: train one with train/sft.py (README, Training) and copy
+  final/idglow_adapter.safetensors here. Without one, use the training-free workflow.
 - insightface/models/buffalo_l/det_10g.onnx + w600k_r50.onnx  (insightface buffalo_l; without them the
   analyzer falls back to the offline dlib backend, whose 128-d embeddings do not fit a 512-d adapter)
-- aesthetic/  sac+logos+ava1-l14-linearMSE.pth + a CLIP ViT-L/14 folder (scoring workflow only)
 Reference portraits go in ComfyUI/input/: one person per image, Picture 1 = leftmost person."""
 
 
@@ -67,19 +71,49 @@ def default_value(spec):
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0], "")
 
 
+# ------------------------------------------------------------------------------------------------- layout
+# Sizes the real frontend gives each node (measured by workflows/_measure.py in headless Chromium): a saved size
+# smaller than the frontend's makes it grow the node over its neighbours, so every node is laid out at
+# max(its size hint, the measured size).
+SIZES_FILE = HERE / "_layout" / "node_sizes.json"  # not in workflows/ itself: ComfyUI lists every *.json there
+TITLE_H = 30          # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
+GAP = 40              # between two nodes of a column
+COLUMN_GAP = 70       # between two columns (room for the links' bends)
+GROUP_PAD = 20        # group border to nodes, left/right/bottom
+GROUP_HEADER = 76     # group title (24 px font) + room for the node badges drawn above a node's title bar
+GROUP_GAP = 50        # between two groups stacked in one column
+VIEW = (1920, 1080)   # the screen the saved view is made for
+VIEW_MARGIN = (90, 120, 40, 40)   # left (sidebar), top (menu + tabs), right, bottom, in pixels
+# Below this zoom the frontend draws nodes as blank boxes (its min_font_size_for_lod 8 / NODE_TEXT_SIZE 14 at a
+# device pixel ratio of 1): the saved view never zooms out further, and the layout is made to fit above it.
+MIN_SCALE = 0.58
+GROUP_COLOURS = {"models": "#3f789e", "identities": "#8a6d3b", "idglow": "#a1309b", "prompt": "#5a8a3b",
+                 "sampling": "#3b5a8a", "output": "#444", "optional": "#555"}
+
+
+def measured_sizes() -> dict[str, list[float]]:
+    """``{"<type>|<title or ''>": [w, h]}`` from node_sizes.json (empty before the first measurement)."""
+    return json.loads(SIZES_FILE.read_text(encoding="utf-8")) if SIZES_FILE.exists() else {}
+
+
+def size_key(node: dict) -> str:
+    """A saved node's key in node_sizes.json: its type, and its title where the workflow gives it one."""
+    return f"{node['type']}|{node.get('title', '')}"
+
+
 class Graph:
-    """A UI-format workflow under construction: ``add`` nodes with widget values by name, ``link`` outputs to inputs."""
+    """A UI-format workflow under construction: ``add`` nodes with widget values by name, ``link`` outputs to inputs,
+    then ``to_json`` lays the nodes out in columns of titled groups (``layout``) from the measured sizes."""
 
-    def __init__(self, object_info: dict):
+    def __init__(self, object_info: dict, sizes: dict | None = None):
         self.info, self.nodes, self.links, self.groups = object_info, [], [], []
+        self.sizes = measured_sizes() if sizes is None else sizes
+        self.columns: list[list[tuple[str, str, list[dict]]]] = []
 
-    def group(self, title: str, bounding: tuple[int, int, int, int]) -> None:
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding),
-                            "color": "#3f789e", "font_size": 24, "flags": {}})
-
-    def add(self, node_type: str, pos: tuple[int, int], widgets: dict | None = None, title: str | None = None,
-            size: tuple[int, int] = (320, 130), mode: int = 0) -> dict:
-        """mode: 0 = active, 2 = muted (kept in the file, not run), 4 = bypassed."""
+    def add(self, node_type: str, widgets: dict | None = None, title: str | None = None,
+            size: tuple[int, int] = (320, 100), mode: int = 0, models: list[dict] | None = None) -> dict:
+        """mode: 0 = active, 2 = muted (kept in the file, not run), 4 = bypassed. size: the least size wanted.
+        models: the files the node loads (name, url, directory), for the frontend's missing-model dialog."""
         info = self.info[node_type]
         widgets = dict(widgets or {})
         values, names = [], set()
@@ -96,19 +130,19 @@ class Graph:
                    for n, s in ((n, info["input"].get(sec, {})[n]) for n in info.get("input_order", {}).get(sec, []))
                    if n not in names]
         out_names = info.get("output_name") or info["output"]
-        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+        node = {"id": len(self.nodes) + 1, "type": node_type, "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": mode, "inputs": sockets,
                 "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                             for i, (n, t) in enumerate(zip(out_names, info["output"]))],
-                "properties": {"Node name for S&R": node_type}, "widgets_values": values}
+                "properties": {"Node name for S&R": node_type, **({"models": models} if models else {})},
+                "widgets_values": values}
         if title:
             node["title"] = title
         self.nodes.append(node)
         return node
 
-    def note(self, text: str, pos: tuple[int, int], size: tuple[int, int] = (420, 260),
-             title: str = "Models and folders") -> dict:
-        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+    def note(self, text: str, title: str, size: tuple[int, int] = (420, 200)) -> dict:
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": [0, 0], "size": list(size), "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                 "widgets_values": [text], "title": title}
         self.nodes.append(node)
@@ -127,40 +161,117 @@ class Graph:
         src["outputs"][slot]["links"].append(link_id)
         dst["inputs"][target]["link"] = link_id
 
+    def column(self, *groups: tuple[str, str, list]) -> None:
+        """One column of the layout, left to right: groups ``(title, colour key, items)`` stacked top to bottom;
+        an item is a node, or a tuple of nodes placed side by side in one row."""
+        self.columns.append(list(groups))
+
+    def _measured(self, node: dict) -> dict:
+        want = self.sizes.get(size_key(node))
+        if want:
+            node["size"] = [max(node["size"][0], want[0]), max(node["size"][1], want[1])]
+        return node
+
+    def layout(self) -> None:
+        """Columns of groups, each node at max(size hint, measured size), lone nodes as wide as their column, with
+        gaps; a row's nodes keep their widths."""
+        x = 0.0
+        for column in self.columns:
+            rows = [item if isinstance(item, tuple) else (item,) for _, _, items in column for item in items]
+            for row in rows:
+                for node in row:
+                    self._measured(node)
+            width = max(sum(n["size"][0] for n in row) + GAP * (len(row) - 1) for row in rows)
+            y = 0.0
+            for title, colour, items in column:
+                top, y = y, y + GROUP_HEADER
+                for item in items:
+                    row = item if isinstance(item, tuple) else (item,)
+                    if len(row) == 1:
+                        row[0]["size"][0] = width
+                    left = x
+                    for node in row:
+                        node["pos"] = [left, y + TITLE_H]
+                        left += node["size"][0] + GAP
+                    y += TITLE_H + max(n["size"][1] for n in row) + GAP
+                y += GROUP_PAD - GAP
+                self.groups.append({"id": len(self.groups) + 1, "title": title,
+                                    "bounding": [x - GROUP_PAD, top, width + 2 * GROUP_PAD, y - top],
+                                    "color": GROUP_COLOURS[colour], "font_size": 24, "flags": {}})
+                y += GROUP_GAP
+            x += width + 2 * GROUP_PAD + COLUMN_GAP
+
+    def view(self) -> dict:
+        """The saved view (``extra.ds``): the whole graph on a VIEW-sized screen, clear of the sidebar and menus."""
+        x1 = min(g["bounding"][0] for g in self.groups)
+        y1 = min(g["bounding"][1] for g in self.groups)
+        x2 = max(g["bounding"][0] + g["bounding"][2] for g in self.groups)
+        y2 = max(g["bounding"][1] + g["bounding"][3] for g in self.groups)
+        left, top, right, bottom = VIEW_MARGIN
+        scale = min(1.0, (VIEW[0] - left - right) / (x2 - x1), (VIEW[1] - top - bottom) / (y2 - y1))
+        scale = max(MIN_SCALE, round(scale, 3))
+        return {"scale": scale, "offset": [round(left / scale - x1, 1), round(top / scale - y1, 1)]}
+
     def to_json(self, uid: str) -> dict:
+        self.layout()
         return {"id": uid, "revision": 0, "last_node_id": len(self.nodes), "last_link_id": len(self.links),
                 "nodes": self.nodes, "links": self.links, "groups": self.groups, "config": {},
-                "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4}
+                "extra": {"ds": self.view()}, "version": 0.4}
+
+
+# Where the frontend's missing-model dialog offers the native Qwen-Image-Edit-2511 files (Comfy-Org's repacks, as
+# in ComfyUI's own 2511 template).
+MODEL_URLS = {
+    UNET: ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/split_files/"
+                               f"diffusion_models/{UNET}"),
+    CLIP: ("text_encoders", "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/split_files/"
+                            f"text_encoders/{CLIP}"),
+    VAE: ("vae", f"https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/{VAE}"),
+}
+
+
+def _models(name: str) -> list[dict]:
+    directory, url = MODEL_URLS[name]
+    return [{"name": name, "url": url, "directory": directory}]
+
+
+def _reference_portraits(g: Graph, count: int = 2) -> list[dict]:
+    """LoadImage nodes sized to show a portrait once one is loaded (the frontend grows them to fit the preview)."""
+    return [g.add("LoadImage", {"image": f"person{i + 1}.png"}, title=f"Picture {i + 1}", size=(320, 440))
+            for i in range(count)]
 
 
 def _generation(object_info: dict, task: str, uid: str) -> dict:
-    """Task 1 ('group') or Task 2 ('age'): k = 2 portraits -> IdGlow-patched Qwen-Image-Edit -> one image."""
+    """Task 1 ('group') or Task 2 ('age'): k = 2 portraits -> IdGlow-patched Qwen-Image-Edit-2511 -> one image."""
     g = Graph(object_info)
-    unet = g.add("UNETLoader", (0, 0), {"unet_name": UNET, "weight_dtype": "default"})
-    clip = g.add("CLIPLoader", (0, 160), {"clip_name": CLIP, "type": "qwen_image", "device": "default"})
-    vae = g.add("VAELoader", (0, 320), {"vae_name": VAE})
-    portraits = [g.add("LoadImage", (0, 460 + 340 * i), {"image": f"person{i + 1}.png"}, title=f"Picture {i + 1}",
-                       size=(320, 320)) for i in range(2)]
-    shift = g.add("ModelSamplingAuraFlow", (380, 0), {"shift": 3.1})
-    analyzer = g.add("IdGlowFaceAnalyzerLoader", (380, 160), {"backend": "auto", "provider": "auto", "det_size": 640})
-    encode = g.add("IdGlowMultiIDEncode", (380, 340), {"face": "largest", "face_index": 0})
-    adapter = g.add("IdGlowAdapterLoader", (380, 560), {"adapter_name": ADAPTER})
-    schedule = g.add("IdGlowSchedule", (380, 700), {"preset": "anneal" if task == "group" else "gate", "tau": 0.3,
-                                                    "lo": 0.3, "hi": 0.6}, size=(320, 260))
-    apply = g.add("IdGlowApply", (760, 0), {"weight": 1.0})
-    prompt = g.add("IdGlowStaticPrompt", (760, 160), {"task": task, "subjects": 2})
-    positive = g.add("TextEncodeQwenImageEditPlus", (760, 320), {"prompt": ""}, title="Positive", size=(400, 200))
-    negative = g.add("TextEncodeQwenImageEditPlus", (760, 560), {"prompt": ""}, title="Negative", size=(400, 130))
-    latent = g.add("EmptySD3LatentImage", (760, 740), {"width": 1344, "height": 896, "batch_size": 1})
-    sampler = g.add("KSampler", (1200, 0), {"seed": 42, "steps": 40, "cfg": 4.0, "sampler_name": "euler",
-                                            "scheduler": "simple", "denoise": 1.0}, size=(320, 270))
-    decode = g.add("VAEDecode", (1200, 320))
-    save = g.add("SaveImage", (1560, 0), {"filename_prefix": f"idglow_{'task1' if task == 'group' else 'task2'}"},
-                 size=(500, 560))
-    faces_preview = g.add("PreviewImage", (1200, 440), title="Aligned faces (identity order)", size=(320, 200))
-    plot_preview = g.add("PreviewImage", (1200, 680), title="Omega(t)", size=(320, 200))
-    g.note(MODEL_NOTE + ("\nTask 1: anneal schedule (Eq. 4)." if task == "group" else
-                         "\nTask 2: gate schedule on t in [0.3, 0.6] (Eq. 5)."), (1560, 620), size=(500, 420))
+    unet = g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET))
+    shift = g.add("ModelSamplingAuraFlow", {"shift": 3.1})
+    clip = g.add("CLIPLoader", {"clip_name": CLIP, "type": "qwen_image", "device": "default"}, models=_models(CLIP))
+    vae = g.add("VAELoader", {"vae_name": VAE}, models=_models(VAE))
+    portraits = _reference_portraits(g)
+    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
+    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    faces_preview = g.add("PreviewImage", title="Aligned faces (identity order)", size=(320, 220))
+    adapter = g.add("IdGlowAdapterLoader", {"adapter_name": ADAPTER})
+    schedule = g.add("IdGlowSchedule", {"preset": "anneal" if task == "group" else "gate", "tau": 0.3,
+                                        "lo": 0.3, "hi": 0.6})
+    apply = g.add("IdGlowApply", {"weight": 1.0})
+    plot_preview = g.add("PreviewImage", title="Omega(t)", size=(320, 220))
+    prompt = g.add("IdGlowStaticPrompt", {"task": task, "subjects": 2})
+    positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
+    negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
+    # Qwen-Image-Edit-2511 was trained with its reference latents at timestep zero (ComfyUI >= 0.5).
+    methods = [g.add("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": "index_timestep_zero"},
+                     title=f"Reference method ({which})") for which in ("positive", "negative")]
+    latent = g.add("EmptySD3LatentImage", {"width": 1344, "height": 896, "batch_size": 1})
+    sampler = g.add("KSampler", {"seed": 42, "steps": 40, "cfg": 4.0, "sampler_name": "euler",
+                                 "scheduler": "simple", "denoise": 1.0})
+    decode = g.add("VAEDecode")
+    save = g.add("SaveImage", {"filename_prefix": f"idglow_{'task1' if task == 'group' else 'task2'}"},
+                 size=(400, 400))
+    note = g.note(MODEL_NOTE + ("\nTask 1: anneal schedule (Eq. 4)." if task == "group" else
+                                "\nTask 2: gate schedule on t in [0.3, 0.6] (Eq. 5)."), "Models and folders",
+                  size=(400, 380))
     g.link(unet, 0, shift, "model")
     g.link(shift, 0, apply, "model")
     g.link(analyzer, 0, encode, "analyzer")
@@ -173,66 +284,100 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
     g.link(schedule, "schedule", apply, "schedule")
     g.link(encode, "ids", prompt, "ids")
     g.link(prompt, "prompt", positive, "prompt")
-    for enc in (positive, negative):
+    for enc, method in zip((positive, negative), methods):
         g.link(clip, 0, enc, "clip")
         g.link(vae, 0, enc, "vae")
+        g.link(enc, 0, method, "conditioning")
     g.link(apply, 0, sampler, "model")
-    g.link(positive, 0, sampler, "positive")
-    g.link(negative, 0, sampler, "negative")
+    g.link(methods[0], 0, sampler, "positive")
+    g.link(methods[1], 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
     g.link(sampler, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
     g.link(decode, 0, save, "images")
     g.link(encode, "aligned_faces", faces_preview, "images")
     g.link(schedule, "plot", plot_preview, "images")
+    models = ("Models", "models", [unet, clip, vae])
     if "IdGlowPromptEnricher" in object_info:
-        _dynamic_prompt(g, task, portraits)
+        g.column(models, _dynamic_prompt(g, task, portraits))
+    else:
+        g.column(models)
+    g.column(("Identities", "identities", [tuple(portraits), analyzer, encode, faces_preview]))
+    g.column(("IdGlow", "idglow", [adapter, schedule, apply, plot_preview]))
+    g.column(("Prompt", "prompt", [prompt, positive, negative, *methods]))
+    g.column(("Sampling", "sampling", [shift, latent, sampler, decode]))
+    g.column(("Output", "output", [save, note]))
     return g.to_json(uid)
 
 
-def _dynamic_prompt(g: Graph, task: str, portraits: list[dict]) -> None:
+def _dynamic_prompt(g: Graph, task: str, portraits: list[dict]) -> tuple[str, str, list[dict]]:
     """The paper's dynamic prompt (M_P, §3.2) as a muted, optional branch next to the static template."""
-    vlm = g.add("IdGlowVLMLoader", (0, 1200), {"model": "LLM/Qwen2.5-VL-7B-Instruct", "lora": "none"}, mode=2)
-    enrich = g.add("IdGlowPromptEnricher", (380, 1200), {"task": task, "k": 0, "seed": 0}, size=(400, 300), mode=2)
+    vlm = g.add("IdGlowVLMLoader", {"model": "LLM/Qwen2.5-VL-7B-Instruct", "lora": "none"}, mode=2)
+    enrich = g.add("IdGlowPromptEnricher", {"task": task, "k": 0, "seed": 0}, size=(320, 300), mode=2)
     g.link(vlm, 0, enrich, "vlm")
     for i, p in enumerate(portraits):
         g.link(p, "IMAGE", enrich, f"image{i + 1}")
-    g.note("Dynamic prompt (optional): put a Qwen2.5-VL / Qwen3-VL folder in models/LLM, unmute these two nodes "
-           "(Ctrl+M) and drag the enricher's 'prompt' output onto Positive's prompt in place of IdGlow Static "
-           "Prompt.", (820, 1200), size=(360, 200), title="Dynamic prompt")
-    g.group("Dynamic prompt (optional, muted)", (-20, 1140, 1220, 400))
+    note = g.note("Dynamic prompt (optional): put a Qwen2.5-VL / Qwen3-VL folder in models/LLM, unmute these two "
+                  "nodes (select them, Ctrl+M) and drag the enricher's 'prompt' output onto Positive's prompt in "
+                  "place of IdGlow Static Prompt.", "Dynamic prompt", size=(320, 150))
+    return "Dynamic prompt (optional, muted)", "optional", [note, vlm, enrich]
 
 
 def _scoring(object_info: dict, uid: str) -> dict:
-    """FaceSim (Hungarian-matched, Eq. 2) and the aesthetic score of a generated image against 2 references."""
+    """FaceSim (Hungarian-matched, Eq. 2) of a generated image against 2 references, every number shown after a
+    run; the aesthetic score as an optional, bypassed branch (it needs models a new user does not have)."""
     g = Graph(object_info)
-    generated = g.add("LoadImage", (0, 0), {"image": "idglow_task1_00001_.png"}, title="Generated image",
-                      size=(320, 320))
-    portraits = [g.add("LoadImage", (0, 360 + 340 * i), {"image": f"person{i + 1}.png"}, title=f"Picture {i + 1}",
-                       size=(320, 320)) for i in range(2)]
-    analyzer = g.add("IdGlowFaceAnalyzerLoader", (380, 0), {"backend": "auto", "provider": "auto", "det_size": 640})
-    encode = g.add("IdGlowMultiIDEncode", (380, 180), {"face": "largest", "face_index": 0})
-    facesim = g.add("IdGlowFaceSim", (760, 0), size=(400, 300))
-    aesthetic = g.add("IdGlowAestheticScore", (760, 340), {"model": "."}, size=(400, 160))
-    annotated = g.add("PreviewImage", (1200, 0), title="Matched faces", size=(420, 420))
-    g.note(MODEL_NOTE, (1200, 460))
+    generated = g.add("LoadImage", {"image": "idglow_task1_00001_.png"}, title="Generated image", size=(320, 440))
+    portraits = _reference_portraits(g)
+    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
+    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    facesim = g.add("IdGlowFaceSim", size=(360, 120))
+    shown = {name: g.add("PreviewAny", title=title, size=(360, 110 if name != "report" else 240))
+             for name, title in (("facesim_strict", "FaceSim (strict)"), ("facesim_matched", "FaceSim (matched)"),
+                                 ("report", "FaceSim report"))}
+    annotated = g.add("PreviewImage", title="Matched faces", size=(420, 420))
+    note = g.note("FaceSim: each reference is matched to one face of the generated image (Hungarian, Eq. 2). "
+                  "strict = mean over references (a missing face counts 0); matched = mean over matched pairs. "
+                  "The analyzer 'auto' uses insightface buffalo_l (models/insightface) when installed, else the "
+                  "offline dlib backend; scores of the two backends are not comparable.", "How to read it",
+                  size=(420, 200))
+    aesthetic = g.add("IdGlowAestheticScore", {"model": "."}, size=(360, 100), mode=4)
+    aes_shown = g.add("PreviewAny", title="Aesthetic score", size=(360, 110), mode=4)
+    aes_note = g.note("Optional, bypassed: the LAION aesthetic score needs ComfyUI/models/aesthetic/ with "
+                      "sac+logos+ava1-l14-linearMSE.pth and a CLIP ViT-L/14 folder (openai/clip-vit-large-patch14). "
+                      "Once they are there, select these two nodes and press Ctrl+B.", "Aesthetic score (optional)",
+                      size=(360, 190))
     g.link(analyzer, 0, encode, "analyzer")
     for i, p in enumerate(portraits):
         g.link(p, "IMAGE", encode, f"image{i + 1}")
     g.link(analyzer, 0, facesim, "analyzer")
     g.link(generated, "IMAGE", facesim, "images")
     g.link(encode, "ids", facesim, "ids")
-    g.link(generated, "IMAGE", aesthetic, "images")
+    for name, node in shown.items():
+        g.link(facesim, name, node, "source")
     g.link(facesim, "annotated", annotated, "images")
+    g.link(generated, "IMAGE", aesthetic, "images")
+    g.link(aesthetic, "score", aes_shown, "source")
+    g.column(("Images", "identities", [generated, tuple(portraits)]))
+    g.column(("Identities", "identities", [analyzer, encode]),
+             ("Aesthetic (optional, bypassed)", "optional", [aes_note, aesthetic, aes_shown]))
+    g.column(("FaceSim", "idglow", [facesim, *shown.values()]))
+    g.column(("Output", "output", [annotated, note]))
     return g.to_json(uid)
+
+
+# File names are what the frontend's template browser shows as each template's title (and, with '-' and '_' read
+# as spaces, its description); each has a '<name>.jpg' thumbnail beside it (workflows/_measure.py).
+TASK1, TASK2, SCORING = ("IdGlow group photo (Task 1).json", "IdGlow group as children (Task 2).json",
+                         "IdGlow FaceSim score.json")
 
 
 def build_all(object_info: dict) -> dict[str, dict]:
     """``{file name: UI workflow}`` for every shared workflow."""
     return {
-        "idglow_task1_group_fusion.json": _generation(object_info, "group", "1d61057a-0000-4000-8000-000000000001"),
-        "idglow_task2_age_transform.json": _generation(object_info, "age", "1d61057a-0000-4000-8000-000000000002"),
-        "idglow_score_facesim.json": _scoring(object_info, "1d61057a-0000-4000-8000-000000000003"),
+        TASK1: _generation(object_info, "group", "1d61057a-0000-4000-8000-000000000001"),
+        TASK2: _generation(object_info, "age", "1d61057a-0000-4000-8000-000000000002"),
+        SCORING: _scoring(object_info, "1d61057a-0000-4000-8000-000000000003"),
     }
 
 
@@ -251,8 +396,10 @@ Model folders (inside `ComfyUI/models/`; extra locations via `extra_model_paths.
 | `aesthetic/` | `sac+logos+ava1-l14-linearMSE.pth` + a CLIP ViT-L/14 folder (HF format), directly or per sub-folder |
 | `LLM/` | a Qwen2.5-VL / Qwen3-VL folder for the prompt enricher |
 
-Shared workflows: `workflows/idglow_task1_group_fusion.json`, `workflows/idglow_task2_age_transform.json`,
-`workflows/idglow_score_facesim.json` (drag a file onto the ComfyUI canvas).
+Shared workflows (drag a file onto the ComfyUI canvas, or open the pack's templates: Templates -> Extensions ->
+ComfyUI-IdGlow): `workflows/IdGlow group photo (Task 1).json`, `workflows/IdGlow group as children (Task 2).json`,
+`workflows/IdGlow FaceSim score.json`. Qwen-Image-Edit-2511 needs ComfyUI 0.5 or newer (its reference method
+`index_timestep_zero`, set by the Edit Model Reference Method nodes in the workflows; tested with 0.8.0).
 
 Tests against a real ComfyUI (`tests/test_comfyui*.py`, skipped when `COMFYUI_DIR` is unset) need a ComfyUI
 checkout and a Python with its requirements plus IdGlow's: `pip install -r $COMFYUI_DIR/requirements.txt requests
