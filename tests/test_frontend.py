@@ -103,6 +103,21 @@ def test_scoring_workflow_runs_on_real_photos_and_shows_facesim(page, server, me
     assert any("FaceSim over 1 image(s): strict" in v for v in shown), shown
 
 
+def test_task_workflow_without_models_stops_with_what_to_do(page, server, measure):
+    """A new user runs Task 1 on a fresh install: the run stops at validation with a dialog that names the missing
+    model files and says that no adapter ships, how to train one and where it goes (not a silent partial run)."""
+    before = set(server.get("/history"))
+    browser.drop_workflow(page, ch.REPO / "workflows" / measure._builder().TASK1)
+    browser.close_dialogs(page)
+    page.locator('button[aria-label="Run"]').first.click()
+    page.wait_for_function("() => document.querySelectorAll('.p-dialog').length > 0", timeout=60_000)
+    text = "\n".join(browser.dialogs(page))
+    browser.close_dialogs(page)
+    assert "qwen_image_edit_2511_bf16.safetensors" in text and "IdGlow ships no trained adapter" in text, text
+    assert "train/sft.py" in text and "models/idglow" in text, text
+    assert set(server.get("/history")) == before          # nothing ran
+
+
 def test_templates_are_listed_with_their_thumbnails(server):
     listing = server.get("/workflow_templates")[comfy_server.PACK_DIR_NAME]
     assert sorted(listing) == sorted(name[:-5] for name in WORKFLOWS)

@@ -7,7 +7,8 @@ README's screenshots).
 The widget order of every node comes from the node schemas (``/object_info`` of a running ComfyUI), so the files
 stay consistent with the nodes. Regenerate after changing a node's inputs::
 
-    COMFYUI_DIR=/path/to/ComfyUI /path/to/comfy-venv/bin/python workflows/_build.py
+    COMFYUI_DIR=/path/to/ComfyUI /path/to/comfy-venv/bin/python workflows/_build.py     # recorded sizes
+    COMFYUI_DIR=/path/to/ComfyUI /path/to/comfy-venv/bin/python workflows/_measure.py   # measure them anew
 
 ``tests/test_comfyui_workflows.py`` rebuilds them in memory and fails when a committed file differs.
 ComfyUI lists ``<pack>/workflows/*.json`` (also ``example_workflows/``) as the pack's templates.
@@ -251,12 +252,15 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
     portraits = _reference_portraits(g)
     analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
     encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
-    faces_preview = g.add("PreviewImage", title="Aligned faces (identity order)", size=(320, 220))
+    # The two previews are muted: an active output that needs no model would let ComfyUI run the graph partly when
+    # the models or the adapter are missing, outlining the failed nodes in red but showing no message; with every
+    # active output depending on them, a missing file stops the run with a dialog that says what to do.
+    faces_preview = g.add("PreviewImage", title="Aligned faces (muted; Ctrl+M to show)", size=(320, 220), mode=2)
     adapter = g.add("IdGlowAdapterLoader", {"adapter_name": ADAPTER})
     schedule = g.add("IdGlowSchedule", {"preset": "anneal" if task == "group" else "gate", "tau": 0.3,
                                         "lo": 0.3, "hi": 0.6})
     apply = g.add("IdGlowApply", {"weight": 1.0})
-    plot_preview = g.add("PreviewImage", title="Omega(t)", size=(320, 220))
+    plot_preview = g.add("PreviewImage", title="Omega(t) plot (muted; Ctrl+M to show)", size=(320, 220), mode=2)
     prompt = g.add("IdGlowStaticPrompt", {"task": task, "subjects": 2})
     positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
     negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
@@ -407,8 +411,10 @@ checkout and a Python with its requirements plus IdGlow's: `pip install -r $COMF
 tests/test_comfyui.py tests/test_comfyui_workflows.py`. On a CPU-only torch, PyPI's torchvision and torchaudio are
 CUDA builds: ComfyUI needs `torchvision` importable (a CPU build, or the op-schema shim in the project notes) and
 `transformers` breaks while a CUDA-only `torchaudio` is installed (uninstall it; only ComfyUI's audio nodes use it).
-After changing a node's inputs, regenerate the workflows and this file:
-`COMFYUI_DIR=/path/to/ComfyUI python workflows/_build.py`.
+After changing a node's inputs, regenerate the workflows (laid out at the real frontend's node sizes, with their
+thumbnails and screenshots) and this file: `COMFYUI_DIR=/path/to/ComfyUI python workflows/_measure.py` (needs
+Debian's `chromium` and `pip install playwright`), or `python workflows/_build.py` to reuse the recorded sizes.
+The browser tests (`tests/test_frontend.py`) check every workflow in the real frontend.
 """
 
 
