@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ModelFormatError, TrainingDivergedError
 
-__all__ = ["NonFiniteGuard", "nonfinite_names", "refuse_nonfinite", "verify_weights_file"]
+__all__ = ["NonFiniteGuard", "nonfinite_names", "refuse_nonfinite", "verify_weights_file", "read_cache_entry"]
 
 log = logging.getLogger("idglow")
 
@@ -55,6 +55,28 @@ def verify_weights_file(path: str | Path, what: str) -> None:
     if bad:
         raise ModelFormatError(f"{what}: '{path}' holds NaN or inf in {len(bad)} tensor(s) (e.g. {bad[:3]}): it "
                                f"comes from a diverged run. Start from an earlier checkpoint.")
+
+
+def read_cache_entry(path: Path | None, required: Iterable[str]) -> dict[str, torch.Tensor] | None:
+    """An encoding cache file's tensors, or None when it is missing or damaged (truncated, not safetensors,
+    lacking a ``required`` key, non-finite): the caller then encodes the sample again and rewrites the file."""
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        enc = load_file(str(path))
+    except Exception as exc:  # SafetensorError: truncated / empty / not safetensors
+        log.warning("cache entry %s is damaged (%s: %s); encoding the sample again", path, type(exc).__name__,
+                    str(exc)[:120])
+        return None
+    missing = sorted(set(required) - set(enc))
+    bad = nonfinite_names(enc)
+    if missing or bad:
+        log.warning("cache entry %s %s; encoding the sample again", path,
+                    f"lacks {missing}" if missing else f"holds NaN/inf in {bad[:3]}")
+        return None
+    return enc
 
 
 class NonFiniteGuard:
