@@ -158,10 +158,11 @@ def _save(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, step: int, 
     sharded = acc.distributed_type == DistributedType.FSDP
     if sharded:
         log.warning("FSDP: the optimizer state is sharded and not saved; a resume restarts AdamW's moments.")
-    if acc.is_main_process:
+
+    def write() -> None:
         names = _trainable(acc.unwrap_model(module))
         trainable = {k: state[k] for k in names}
-        refuse_nonfinite(trainable, f"checkpoint step {step}")
+        refuse_nonfinite(trainable, f"checkpoint step {step}")  # never rotate good checkpoints out for NaN ones
         if ema is not None:
             refuse_nonfinite(ema.state_dict(), f"the EMA weights of checkpoint step {step}")
         ckpt = Checkpoint(step=step, trainable=trainable,
@@ -169,7 +170,26 @@ def _save(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, step: int, 
                           ema=ema.state_dict() if ema else None,
                           state={"seed": cfg.run.seed, "config": record or config_to_dict(cfg)})
         save_checkpoint(cfg.run.output_dir, ckpt, keep=cfg.run.keep_checkpoints)
-    acc.wait_for_everyone()
+    _on_main(acc, write)
+
+
+def _on_main(acc, fn: Callable[[], None]) -> None:
+    """Run ``fn`` (a write) on the main process; when it raises a typed error, every rank stops with it (no
+    rank is left waiting at a barrier)."""
+    from ..errors import IdGlowError
+
+    error = None
+    if acc.is_main_process:
+        try:
+            fn()
+        except IdGlowError as exc:
+            error = exc
+    failed = bool(acc.gather(torch.tensor([int(error is not None)], device=acc.device)).sum())
+    if error is not None:
+        raise error
+    if failed:
+        raise IdGlowError("The main process could not write a checkpoint or the final weights; its error says why "
+                          "and how to resume. This process stops with it.")
 
 
 def _full_state(acc, module, ema: EMA | None) -> dict[str, torch.Tensor]:
@@ -186,28 +206,34 @@ def _export(acc, parts: LoopParts, cfg: TrainConfig, module, ema: EMA | None) ->
     acc.wait_for_everyone()
     final = Path(cfg.run.output_dir) / "final"
     state = _full_state(acc, module, ema)  # every rank takes part in the gather
-    if acc.is_main_process:
-        refuse_nonfinite(state, "the final weights", _trainable(acc.unwrap_model(module)))
-        tmp = final.with_name(f".tmp-final-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-            parts.export(acc.unwrap_model(module), tmp, state)
-            (tmp / "config.json").write_text(json.dumps(parts.config or config_to_dict(cfg), indent=1),
-                                             encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        except Exception as exc:
-            from ..errors import CheckpointWriteError
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not is_write_failure(exc, final.parent):
-                raise
-            raise CheckpointWriteError(write_failure_message(exc, f"final weights {final}", cfg.run.output_dir)) \
-                from exc
-        log.info("exported weights to %s", final)
-    acc.wait_for_everyone()
+    _on_main(acc, lambda: _write_final(parts, cfg, acc.unwrap_model(module), state, final))
     return final
+
+
+def _write_final(parts: LoopParts, cfg: TrainConfig, module, state: dict, final: Path) -> None:
+    """``final/`` through a temporary folder and renames (the previous ``final/`` survives a failed write);
+    non-finite weights and a failed write are typed errors."""
+    from ..errors import CheckpointWriteError
+
+    refuse_nonfinite(state, "the final weights", _trainable(module))
+    tmp, old = final.with_name(f".tmp-final-{os.getpid()}"), final.with_name(f".old-final-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        parts.export(module, tmp, state)
+        (tmp / "config.json").write_text(json.dumps(parts.config or config_to_dict(cfg), indent=1), encoding="utf-8")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)  # put the previous export back
+        if not is_write_failure(exc, final.parent):
+            raise
+        raise CheckpointWriteError(write_failure_message(exc, f"final weights {final}", cfg.run.output_dir)) from exc
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("exported weights to %s", final)
 
 
 def _micro_step(acc, parts: LoopParts, cfg: TrainConfig, module, step: int, micro: int, buf: MetricBuffer):
