@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from idglow_core.errors import (CheckpointWriteError, ConfigError, IdGlowError, ModelFormatError,
-                                TrainingDivergedError)
+                                ModelNotFoundError, TrainingDivergedError)
 from idglow_core.testing import OneFaceAnalyzer
 from idglow_core.training import checkpoint as ckpt_mod
 from idglow_core.training import load_config
@@ -118,6 +118,13 @@ def test_overwrite_checks_manifest_and_start_weights_before_removing_the_previou
     damaged.write_bytes(damaged.read_bytes()[:60])  # cut short
     with pytest.raises(ModelFormatError, match="model.init_adapter.*start.safetensors.*damaged"):
         run_sft(load_config(TINY, [*base, f"model.init_adapter={damaged}"]), analyzer=OneFaceAnalyzer())
+    with pytest.raises(ModelNotFoundError, match="model.init_adapter.*strat.safetensors"):
+        run_sft(load_config(TINY, [*base, f"model.init_adapter={tmp_path / 'strat.safetensors'}"]),
+                analyzer=OneFaceAnalyzer())
+    nan = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(nan))
+    with pytest.raises(ModelFormatError, match="NaN or inf"):
+        run_sft(load_config(TINY, [*base, f"model.init_adapter={nan}"]), analyzer=OneFaceAnalyzer())
     assert _intact(out)
 
 

@@ -259,8 +259,11 @@ def _log_row(acc, row: dict[str, float], metrics_file: Path, bar) -> dict[str, f
     """Send one row of window means to the trackers (TensorBoard), metrics.jsonl and the progress bar."""
     acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     if acc.is_main_process:
-        with open(metrics_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(metrics_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:  # full disk: the next checkpoint save stops every rank with a typed error
+            log.error("could not append step %d to %s (%s); training goes on", row["step"], metrics_file, exc)
         bar.set_postfix(loss=f"{row.get('loss/total', float('nan')):.4f}")
     return row
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..errors import ModelFormatError, TrainingDivergedError
+from ..errors import ModelFormatError, ModelNotFoundError, TrainingDivergedError
 
 __all__ = ["NonFiniteGuard", "nonfinite_names", "refuse_nonfinite", "verify_weights_file", "read_cache_entry"]
 
@@ -39,12 +39,13 @@ def refuse_nonfinite(tensors: Mapping[str, torch.Tensor], what: str, names: Iter
 
 def verify_weights_file(path: str | Path, what: str) -> None:
     """Read every tensor of a safetensors start-weights file (``what``: the config key that names it); a
-    missing, damaged or non-finite file raises before any model is built."""
+    missing (ModelNotFoundError), damaged or non-finite (ModelFormatError) file raises before any model is built."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        return  # a missing file is reported by whoever resolves ``what`` (with the layouts it accepts)
+        raise ModelNotFoundError(f"{what}: '{path}' does not exist or is not a file. Point {what} at an adapter "
+                                 f".safetensors file (e.g. <sft run>/final/idglow_adapter.safetensors).")
     try:
         with safe_open(str(path), "pt") as fh:
             bad = [k for k in fh.keys() if (t := fh.get_tensor(k)).is_floating_point() and not torch.isfinite(t).all()]
