@@ -255,6 +255,25 @@ def _micro_step(acc, parts: LoopParts, cfg: TrainConfig, module, step: int, micr
     return value
 
 
+def _optimizer_step(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, guard: NonFiniteGuard, step: int,
+                    losses: list[float], buf: MetricBuffer) -> None:
+    """Clip (when ``optim.max_grad_norm > 0``), check loss and gradient norm for NaN/inf (every rank decides
+    alike), then step the optimizer and the EMA, or skip both (``optim.skip_nonfinite``) or stop the run."""
+    norm = acc.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm or float("inf"))  # inf: norm only
+    norm = None if norm is None else float(norm)  # the total norm: the same value on every rank
+    losses = acc.gather(torch.tensor(losses, device=acc.device)).tolist()
+    if guard.check(step, losses, norm, _trainable(acc.unwrap_model(module))):
+        optimizer.zero_grad(set_to_none=True)
+        buf.add({"nonfinite/skipped": 1.0})
+        return
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(_trainable(acc.unwrap_model(module)))
+    if norm is not None:
+        buf.add({"grad_norm": norm})
+
+
 def _log_row(acc, row: dict[str, float], metrics_file: Path, bar) -> dict[str, float]:
     """Send one row of window means to the trackers (TensorBoard), metrics.jsonl and the progress bar."""
     acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -301,8 +320,10 @@ def prepare_run(cfg: TrainConfig, acc) -> Path | None:
 def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None, accelerator=None) -> LoopResult:
     """Train ``parts.module`` for ``cfg.optim.max_steps`` optimizer steps; checkpoint and export.
 
-    ``resume_from``: a checkpoint folder (see :func:`~idglow_core.training.checkpoint.prepare_output_dir`).
-    Returns the final step, the export folder and the logged metrics (main process).
+    ``resume_from``: a checkpoint folder (see :func:`check_run` / :func:`claim`). A non-finite loss or gradient
+    stops the run with TrainingDivergedError (or skips the step, ``optim.skip_nonfinite``); non-finite weights are
+    never saved or exported (:mod:`.safety`). Returns the final step, the export folder and the logged metrics
+    (main process).
     """
     from tqdm.auto import tqdm
 
@@ -335,17 +356,7 @@ def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = [_micro_step(acc, parts, cfg, module, step, micro, buf) for micro in range(cfg.optim.grad_accum)]
-        # the total norm (clipping when max_grad_norm > 0): the same value on every rank
-        norm = acc.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm or float("inf"))
-        losses = acc.gather(torch.tensor(losses, device=acc.device)).tolist()  # every rank decides alike
-        if guard.check(step + 1, losses, None if norm is None else float(norm), _trainable(acc.unwrap_model(module))):
-            optimizer.zero_grad(set_to_none=True)
-            buf.add({"nonfinite/skipped": 1.0})
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(_trainable(acc.unwrap_model(module)))
+        _optimizer_step(acc, cfg, module, optimizer, ema, guard, step + 1, losses, buf)
         done = step + 1
         if parts.validate is not None and cfg.run.validate_every and done % cfg.run.validate_every == 0:
             if acc.distributed_type == DistributedType.FSDP:
