@@ -185,16 +185,19 @@ def test_nonfinite_weights_are_never_saved_or_exported(tmp_path):
     assert list_checkpoints(out) == [] and not (out / "final").exists()
 
 
-def test_absurd_learning_rate_exits_nonzero_naming_the_step_and_cause(tmp_path, capsys):
-    """The issue's case, as a user runs it: lr 1e30 on the tiny stack used to exit 0 with NaN weights."""
+def test_absurd_learning_rate_stops_the_tiny_trainer_naming_the_step_and_cause(tmp_path, capsys, monkeypatch):
+    """The issue's case on the tiny stack: lr 1e30 used to exit 0 with NaN weights; now exit code 2."""
+    import idglow_core.training as training
+    from idglow_core.training.sft import run_sft
     from train.sft import main
 
+    monkeypatch.setattr(training, "run_sft", lambda cfg: run_sft(cfg, analyzer=OneFaceAnalyzer()))  # no dlib
     out = tmp_path / "run"
-    rc = main(["--config", str(TINY), "--output-dir", str(out), "--lr", "1e30", "--max-steps", "3",
-               "--set", "data.synthetic=2", "--set", "run.checkpoint_every=1", "--set", "run.tensorboard=false",
-               "--set", "run.validate_every=0", "--schedule", "constant"])
+    rc = main(["--config", str(TINY), "--output-dir", str(out), "--lr", "1e30", "--max-steps", "2",
+               "--id-weight", "0", "--set", "data.synthetic=2", "--set", "run.checkpoint_every=1",
+               "--set", "run.tensorboard=false", "--set", "run.validate_every=0"])
     err = capsys.readouterr().err
-    assert rc == 2 and "Training stopped at step" in err and "optim.lr=1e+30" in err, err[-2000:]
+    assert rc == 2 and "Training stopped at step 2" in err and "optim.lr=1e+30" in err, err[-2000:]
     assert not (out / "final").exists()
     for ckpt in list_checkpoints(out):
         assert all(torch.isfinite(v).all() for v in load_file(str(ckpt / "trainable.safetensors")).values())
