@@ -44,3 +44,12 @@ class ConfigError(IdGlowError, ValueError):
 
 class DependencyError(IdGlowError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class TrainingDivergedError(IdGlowError, RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite was saved."""
+
+
+class CheckpointWriteError(IdGlowError, OSError):
+    """A checkpoint or the final weights could not be written (full disk, read-only folder); the previous
+    checkpoint is intact."""

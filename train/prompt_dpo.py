@@ -2,10 +2,13 @@
 
     python train/prompt_dpo.py --config train/configs/prompt_dpo_tiny_cpu.yaml         # offline, CPU, seconds
     python train/prompt_dpo.py --config my.yaml --model models/LLM/Qwen3-VL-8B-Instruct \
-        --pairs data/prompt_pairs.jsonl --output_dir runs/prompt_dpo --max_steps 500
+        --pairs data/prompt_pairs.jsonl --output-dir runs/prompt_dpo --max-steps 500
 
-Every PromptDPOConfig field (idglow_core/prompting/alignment.py) is a flag that overrides the YAML; values are
-parsed as YAML (``--target_modules "[q_proj, v_proj]"``). The pair format is in idglow_core/prompting/pairs.py.
+Every PromptDPOConfig field (idglow_core/prompting/alignment.py) is a flag that overrides the YAML, spelled with
+dashes like the other trainers' flags (``--output-dir``; the underscore spelling ``--output_dir`` still works);
+values are parsed as YAML (``--target-modules "[q_proj, v_proj]"``). A folder holding a previous run is refused
+unless ``--resume`` (continue from its newest checkpoint) or ``--overwrite`` (remove only that run's files, once
+the pairs and the model loaded). The pair format is in idglow_core/prompting/pairs.py.
 The LoRA lands in <output_dir>/lora; load it with the IdGlowVLMLoader node or ``load_vlm(model, lora=...)``.
 """
 from __future__ import annotations
@@ -28,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file of PromptDPOConfig keys")
     for f in dataclasses.fields(PromptDPOConfig):
-        parser.add_argument(f"--{f.name}", type=yaml.safe_load, default=None, help=f"override '{f.name}'")
+        names = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])  # dashes; old spelling kept
+        extra = {"nargs": "?", "const": True} if f.type == "bool" else {}  # `--overwrite` alone means true
+        parser.add_argument(*names, dest=f.name, type=yaml.safe_load, default=None, help=f"override '{f.name}'",
+                            **extra)
     return parser
 
 

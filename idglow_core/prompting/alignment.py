@@ -57,7 +57,8 @@ class PromptDPOConfig:
     gradient_checkpointing: bool = True
     logging_steps: int = 10
     save_steps: int = 0         # 0 = only the final LoRA; >0 = resumable trainer checkpoints every N steps
-    resume: bool = False        # continue from the newest checkpoint in output_dir/checkpoints
+    resume: bool = False        # continue from the newest checkpoint in output_dir/checkpoints ("latest" = true)
+    overwrite: bool = False     # start again in a folder holding a prompt-DPO run (removes only its files)
 
     def __post_init__(self) -> None:
         for name in ("lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "logging_steps"):
@@ -99,6 +100,8 @@ def _coerce(name: str, value):
             return {"int": int, "float": float, "str": str}[kind](value)
     except (TypeError, ValueError):
         raise ConfigError(f"Config key '{name}' must be {kind}, got {value!r}.") from None
+    if name == "resume" and value == "latest":  # the other trainers' spelling
+        return True
     if kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"Config key '{name}' must be true or false, got {value!r}.")
     if kind == "list[str]":
@@ -149,6 +152,38 @@ def _pairs(config: PromptDPOConfig, out: Path) -> list[PreferencePair]:
     return read_pairs(config.pairs)
 
 
+RUN_ITEMS = ("lora", "checkpoints")  # what --overwrite removes (base_model/ and synthetic_pairs/ are rewritten)
+TRAINER = "idglow-prompt-dpo"
+
+
+def _check_output_dir(config: PromptDPOConfig, out: Path) -> list[Path]:
+    """The output-folder rules of every IdGlow trainer (training/run_dir.py), before any work: a previous
+    run needs ``resume`` or ``overwrite``, a folder IdGlow did not write is never touched. Returns what
+    ``overwrite`` will remove once the pairs and the model loaded."""
+    from ..training.run_dir import check_output_folder
+
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    if config.resume:
+        if not checkpoints:
+            raise ConfigError(f"resume: no trainer checkpoint in '{out / 'checkpoints'}' (they are written when "
+                              f"save_steps > 0). Start without --resume, or point --output-dir at that run.")
+        return []
+    finished = bool(checkpoints) or (out / "lora").exists()
+    return check_output_folder(out, overwrite=config.overwrite, items=RUN_ITEMS, finished=finished, trainer=TRAINER)
+
+
+def _claim_output_dir(out: Path, clear: list[Path]) -> None:
+    from ..training.run_dir import write_marker
+
+    for item in clear:
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+        log.info("--overwrite: removed %s", item)
+    write_marker(out, TRAINER)
+
+
 def _save_lora_atomic(model, final: Path, config: PromptDPOConfig, vlm: VLMBundle) -> Path:
     """Write the LoRA to a temporary folder, then swap it in; the config travels with the weights."""
     tmp, old = final.with_name(f".{final.name}.tmp"), final.with_name(f".{final.name}.old")
@@ -171,10 +206,11 @@ def train_prompt_dpo(config: PromptDPOConfig) -> tuple[Path, list[dict]]:
     except ImportError as exc:
         raise DependencyError(f"Prompt DPO needs trl and peft ({exc}). Install them: pip install trl peft") from exc
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    clear = _check_output_dir(config, out)  # the folder rules first, read-only
     pairs = _pairs(config, out)  # validated before the model is loaded
     torch.manual_seed(config.seed)
     vlm = _load_model(config, out)
+    _claim_output_dir(out, clear)  # every check passed: now --overwrite removes the previous run's files
     vlm.model.train()
     device = _device(config)
     args = DPOConfig(

@@ -28,7 +28,11 @@ def add_run_arguments(p: argparse.ArgumentParser, train_choices: list[str]) -> N
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     p.add_argument("--cache-dir", help="cache text embeddings and latents here")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder (deletes its run files)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a folder holding an IdGlow run (removes only that run's files, after "
+                        "every check passed)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even though data, model, loss or seed differ from the checkpoint's (recorded)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -42,6 +46,8 @@ def overrides_from_args(args: argparse.Namespace, flags: dict[str, str]) -> list
             out.append(f"{key}={value}")
     if args.overwrite:
         out.append("run.overwrite=true")
+    if args.allow_config_change:
+        out.append("run.allow_config_change=true")
     if args.gradient_checkpointing:
         out.append("run.gradient_checkpointing=true")
     return out

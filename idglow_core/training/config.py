@@ -8,6 +8,7 @@ field below. Overrides are ``section.key=value`` strings (``--set loss.id_weight
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ class LossConfig:
             raise ConfigError(f"loss.task must be one of {TASKS}, got '{self.task}'.")
         if self.timestep_scheme not in TIMESTEP_SCHEMES:
             raise ConfigError(f"loss.timestep_scheme must be one of {TIMESTEP_SCHEMES}, got '{self.timestep_scheme}'.")
+        values = (self.id_weight, self.timestep_shift, self.missing_face_value, self.logit_mean, self.logit_std)
+        if not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"loss.id_weight, timestep_shift, missing_face_value, logit_mean and logit_std must "
+                              f"be finite numbers; got {list(values)}.")
         if self.id_weight < 0 or self.timestep_shift <= 0 or self.missing_face_value < 0:
             raise ConfigError(f"Need loss.id_weight >= 0 (got {self.id_weight}), loss.timestep_shift > 0 (got "
                               f"{self.timestep_shift}) and loss.missing_face_value >= 0.")
@@ -119,13 +124,27 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 = no clipping
     ema_decay: float = 0.0  # 0 = no EMA; else e.g. 0.999 (the exported weights are then the EMA)
+    skip_nonfinite: int = 0  # non-finite loss/gradient: 0 = stop at once; N = skip up to N such steps in a row
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.lr <= 0 or self.max_steps < 1 or self.grad_accum < 1 or not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"Need optim.lr > 0, optim.max_steps >= 1, optim.grad_accum >= 1 and "
+        try:
+            self.betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            raise ConfigError(f"optim.betas must be two numbers, e.g. [0.9, 0.999]; got {self.betas!r}.") from None
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.max_steps < 1 or self.grad_accum < 1 \
+                or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"Need a finite optim.lr > 0, optim.max_steps >= 1, optim.grad_accum >= 1 and "
                               f"0 <= optim.ema_decay < 1; got {self.lr}, {self.max_steps}, {self.grad_accum}, "
                               f"{self.ema_decay}.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two values in [0, 1) (AdamW), got {list(self.betas)}.")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)) or \
+                not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(f"Need a finite optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 = no "
+                              f"clipping); got {self.weight_decay}, {self.max_grad_norm}.")
+        if self.warmup_steps < 0 or self.skip_nonfinite < 0:
+            raise ConfigError(f"Need optim.warmup_steps >= 0 and optim.skip_nonfinite >= 0; got "
+                              f"{self.warmup_steps}, {self.skip_nonfinite}.")
 
 
 @dataclass
@@ -146,6 +165,7 @@ class RunConfig:
     tensorboard: bool = True
     overwrite: bool = False  # allow writing into a non-empty output_dir that is not being resumed
     resume: str = ""  # "" | latest | path to a checkpoint folder
+    allow_config_change: bool = False  # resume even though data/model/loss/seed differ from the checkpoint's
 
     def __post_init__(self):
         if self.train not in TRAIN_MODES:

@@ -36,13 +36,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.nn as nn
-import yaml
 from accelerate.utils import set_seed
 
 from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
@@ -50,7 +50,7 @@ from ..yamlfile import read_yaml_mapping
 from ..losses import add_noise, per_sample_mse, velocity_target, weighted_margin_dpo_loss
 from ..schedules import Schedule
 from .config import LossConfig, TrainConfig, coerce_value, apply_overrides, config_from_dict, config_to_dict
-from .loop import LoopParts, LoopResult, StepOutput, make_accelerator, prepare_run, run_loop
+from .loop import LoopParts, LoopResult, StepOutput, check_run, claim, make_accelerator, run_loop
 from .sft import draw_t_and_noise
 
 __all__ = ["DPOConfig", "DPORunConfig", "load_dpo_config", "dpo_config_to_dict", "reference_policy", "DPOStep",
@@ -73,7 +73,9 @@ class DPOConfig:
     init_from: str = ""  # SFT output folder, checkpoint folder or adapter file; "" = model.init_adapter/fresh
 
     def __post_init__(self):
-        if not (self.beta > 0 and self.alpha > 0 and self.margin >= 0 and self.sft_weight >= 0):
+        values = (self.beta, self.alpha, self.margin, self.sft_weight)
+        if not all(math.isfinite(v) for v in values) or \
+                not (self.beta > 0 and self.alpha > 0 and self.margin >= 0 and self.sft_weight >= 0):
             raise ConfigError(f"DPO needs dpo.beta > 0, dpo.alpha > 0, dpo.margin >= 0 and dpo.sft_weight >= 0 "
                               f"(Eq. 7); got {self.beta}, {self.alpha}, {self.margin}, {self.sft_weight}.")
 
@@ -263,6 +265,17 @@ def load_init_weights(module: nn.Module, init: InitWeights, train_mode: str) -> 
 
 
 # ---------------------------------------------------------------------------------------- the trainer
+def _start_files(cfg: DPORunConfig) -> dict[str, str]:
+    """The start-weight files of a run, by the config key that names them (read in full before any model is
+    built: a damaged dpo.init_from or LoRA is refused up front)."""
+    files = {"model.init_adapter": cfg.train.model.init_adapter}
+    if cfg.dpo.init_from:
+        init = find_init_weights(cfg.dpo.init_from)
+        files.update({f"dpo.init_from ({kind})": str(path) for kind, path in
+                      (("adapter", init.adapter), ("LoRA", init.lora), ("checkpoint", init.trainable)) if path})
+    return files
+
+
 def _pair_manifest(cfg: TrainConfig, acc) -> Path:
     if cfg.data.manifest:
         return Path(cfg.data.manifest)
@@ -287,9 +300,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
 
     tc = cfg.train
     acc = accelerator or make_accelerator(tc)
-    resume_from = prepare_run(tc, acc)
-    if acc.is_main_process:  # config.yaml with the dpo section, so `--config <run>/config.yaml --resume` works
-        (Path(tc.run.output_dir) / "config.yaml").write_text(yaml.safe_dump(dpo_config_to_dict(cfg)), "utf-8")
+    record = dpo_config_to_dict(cfg)  # config.yaml and checkpoints carry the dpo section (--config <run>/config.yaml)
+    plan = check_run(tc, acc, config=record, start_weights=_start_files(cfg), trainer="idglow-dpo")
     analyzer = analyzer or load_analyzer(tc.model.face_backend, model_dir=tc.model.face_model_dir or None)
     pairs = read_pair_manifest(_pair_manifest(tc, acc), analyzer, max_ids=tc.model.max_ids,
                                resolution=tc.data.resolution)
@@ -318,5 +330,5 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
                                      out_dir=Path(tc.run.output_dir) / "validation")
     parts = LoopParts(module=module, samples=encoded, collate=collate_pairs, step_fn=DPOStep(tc.loss, cfg.dpo),
                       export=lambda m, folder, state: export_weights(m, folder, tc.run.train, meta, state),
-                      validate=validator)
-    return run_loop(tc, parts, resume_from=resume_from, accelerator=acc)
+                      validate=validator, config=record)
+    return run_loop(tc, parts, resume_from=claim(plan, tc, acc, record), accelerator=acc)  # all checks passed

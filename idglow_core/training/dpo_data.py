@@ -32,6 +32,7 @@ from ..faces.base import Face, FaceAnalyzer
 from ..images import load_image
 from ..jsonl import resolve_path
 from .data import Sample, check_common_fields, check_references, fit_area, read_validated
+from .safety import read_cache_entry
 
 __all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
            "encode_pairs"]
@@ -146,9 +147,9 @@ class PairEncoder:
         cache = self.samples.cache_dir
         key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
         file = cache / f"rejected-{key.hexdigest()[:32]}.safetensors" if cache else None
-        if file is not None and file.is_file():
-            from safetensors.torch import load_file
-            return load_file(str(file))["latents"]
+        cached = read_cache_entry(file, ("latents",))  # None: missing or damaged (then encoded again)
+        if cached is not None:
+            return cached["latents"]
         lat = self.samples.encode_image(fit_area(load_image(path), self.resolution * self.resolution))
         if file is not None:
             from safetensors.torch import save_file

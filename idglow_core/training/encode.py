@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..images import load_image
 from .data import Sample, fit_area
 from .identity import IdentityLoss
+from .safety import read_cache_entry
 
 __all__ = ["SampleEncoder", "collate", "pipeline_areas", "encode_samples"]
 
@@ -106,10 +107,8 @@ class SampleEncoder:
         if index in self._memory:
             return self._memory[index]
         path = self.cache_dir / f"{self._key(sample)}.safetensors" if self.cache_dir else None
-        if path is not None and path.is_file():
-            from safetensors.torch import load_file
-            enc = load_file(str(path))
-        else:
+        enc = read_cache_entry(path, ("latents", "prompt_embeds", "prompt_mask"))  # None: missing or damaged
+        if enc is None:
             enc = self._encode(sample)
             if path is not None:
                 from safetensors.torch import save_file

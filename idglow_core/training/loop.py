@@ -27,12 +27,14 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from accelerate.utils import DistributedType
 
-from .checkpoint import Checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
+from .checkpoint import Checkpoint, is_write_failure, load_checkpoint, save_checkpoint, write_failure_message
 from .config import TrainConfig, config_to_dict
 from .ema import EMA
+from .run_dir import RunPlan, claim_run, plan_run, trim_metrics
+from .safety import NonFiniteGuard, refuse_nonfinite, verify_weights_file
 
 __all__ = ["StepOutput", "StepFn", "LoopParts", "LoopResult", "run_loop", "derive_seed", "sample_indices",
-           "MetricBuffer", "make_accelerator", "prepare_run"]
+           "MetricBuffer", "make_accelerator", "prepare_run", "check_run", "claim"]
 
 log = logging.getLogger("idglow")
 
@@ -61,6 +63,7 @@ class LoopParts:
     step_fn: StepFn
     export: Callable[[torch.nn.Module, Path, dict], None]  # (unwrapped module, folder, full state) -> files
     validate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None  # (unwrapped module, step)
+    config: dict | None = None  # the run's whole config as saved in checkpoints (default: config_to_dict(cfg))
 
 
 @dataclass
@@ -134,7 +137,14 @@ def _restore(ckpt_dir: Path, trainable: dict, optimizer, ema: EMA | None) -> int
         for k, p in trainable.items():
             p.copy_(ckpt.trainable[k].to(p.dtype))
     if ckpt.optimizer is not None:
-        optimizer.load_state_dict(ckpt.optimizer)
+        try:
+            optimizer.load_state_dict(ckpt.optimizer)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            from ..errors import ModelFormatError
+            raise ModelFormatError(f"Checkpoint file '{ckpt_dir / 'optimizer.pt'}' is damaged or does not fit this "
+                                   f"run's optimizer ({type(exc).__name__}: {str(exc)[:200]}). Resume from another "
+                                   f"checkpoint folder, or delete that optimizer.pt to restart AdamW's moments "
+                                   f"from zero.") from None
     else:
         log.warning("checkpoint %s has no optimizer state: AdamW moments restart from zero", ckpt_dir)
     if ema is not None and ckpt.ema is not None:
@@ -143,19 +153,43 @@ def _restore(ckpt_dir: Path, trainable: dict, optimizer, ema: EMA | None) -> int
     return ckpt.step
 
 
-def _save(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, step: int) -> None:
+def _save(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, step: int, record: dict | None = None) -> None:
     state = acc.get_state_dict(module)  # gathers under FSDP; plain state_dict under DDP
     sharded = acc.distributed_type == DistributedType.FSDP
     if sharded:
         log.warning("FSDP: the optimizer state is sharded and not saved; a resume restarts AdamW's moments.")
-    if acc.is_main_process:
+
+    def write() -> None:
         names = _trainable(acc.unwrap_model(module))
-        ckpt = Checkpoint(step=step, trainable={k: state[k] for k in names},
+        trainable = {k: state[k] for k in names}
+        refuse_nonfinite(trainable, f"checkpoint step {step}")  # never rotate good checkpoints out for NaN ones
+        if ema is not None:
+            refuse_nonfinite(ema.state_dict(), f"the EMA weights of checkpoint step {step}")
+        ckpt = Checkpoint(step=step, trainable=trainable,
                           optimizer=None if sharded else optimizer.state_dict(),
                           ema=ema.state_dict() if ema else None,
-                          state={"seed": cfg.run.seed, "config": config_to_dict(cfg)})
+                          state={"seed": cfg.run.seed, "config": record or config_to_dict(cfg)})
         save_checkpoint(cfg.run.output_dir, ckpt, keep=cfg.run.keep_checkpoints)
-    acc.wait_for_everyone()
+    _on_main(acc, write)
+
+
+def _on_main(acc, fn: Callable[[], None]) -> None:
+    """Run ``fn`` (a write) on the main process; when it raises a typed error, every rank stops with it (no
+    rank is left waiting at a barrier)."""
+    from ..errors import IdGlowError
+
+    error = None
+    if acc.is_main_process:
+        try:
+            fn()
+        except IdGlowError as exc:
+            error = exc
+    failed = bool(acc.gather(torch.tensor([int(error is not None)], device=acc.device)).sum())
+    if error is not None:
+        raise error
+    if failed:
+        raise IdGlowError("The main process could not write a checkpoint or the final weights; its error says why "
+                          "and how to resume. This process stops with it.")
 
 
 def _full_state(acc, module, ema: EMA | None) -> dict[str, torch.Tensor]:
@@ -172,18 +206,34 @@ def _export(acc, parts: LoopParts, cfg: TrainConfig, module, ema: EMA | None) ->
     acc.wait_for_everyone()
     final = Path(cfg.run.output_dir) / "final"
     state = _full_state(acc, module, ema)  # every rank takes part in the gather
-    if acc.is_main_process:
-        tmp = final.with_name(f".tmp-final-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        parts.export(acc.unwrap_model(module), tmp, state)
-        (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        log.info("exported weights to %s", final)
-    acc.wait_for_everyone()
+    _on_main(acc, lambda: _write_final(parts, cfg, acc.unwrap_model(module), state, final))
     return final
+
+
+def _write_final(parts: LoopParts, cfg: TrainConfig, module, state: dict, final: Path) -> None:
+    """``final/`` through a temporary folder and renames (the previous ``final/`` survives a failed write);
+    non-finite weights and a failed write are typed errors."""
+    from ..errors import CheckpointWriteError
+
+    refuse_nonfinite(state, "the final weights", _trainable(module))
+    tmp, old = final.with_name(f".tmp-final-{os.getpid()}"), final.with_name(f".old-final-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        parts.export(module, tmp, state)
+        (tmp / "config.json").write_text(json.dumps(parts.config or config_to_dict(cfg), indent=1), encoding="utf-8")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)  # put the previous export back
+        if not is_write_failure(exc, final.parent):
+            raise
+        raise CheckpointWriteError(write_failure_message(exc, f"final weights {final}", cfg.run.output_dir)) from exc
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("exported weights to %s", final)
 
 
 def _micro_step(acc, parts: LoopParts, cfg: TrainConfig, module, step: int, micro: int, buf: MetricBuffer):
@@ -200,43 +250,80 @@ def _micro_step(acc, parts: LoopParts, cfg: TrainConfig, module, step: int, micr
             acc.backward(out.loss / accum)
     else:
         acc.backward(out.loss / accum)
-    buf.add({"loss/total": out.loss.item(), **out.logs})
+    value = out.loss.item()
+    buf.add({"loss/total": value, **out.logs})
+    return value
+
+
+def _optimizer_step(acc, cfg: TrainConfig, module, optimizer, ema: EMA | None, guard: NonFiniteGuard, step: int,
+                    losses: list[float], buf: MetricBuffer) -> None:
+    """Clip (when ``optim.max_grad_norm > 0``), check loss and gradient norm for NaN/inf (every rank decides
+    alike), then step the optimizer and the EMA, or skip both (``optim.skip_nonfinite``) or stop the run."""
+    norm = acc.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm or float("inf"))  # inf: norm only
+    norm = None if norm is None else float(norm)  # the total norm: the same value on every rank
+    losses = acc.gather(torch.tensor(losses, device=acc.device)).tolist()
+    if guard.check(step, losses, norm, _trainable(acc.unwrap_model(module))):
+        optimizer.zero_grad(set_to_none=True)
+        buf.add({"nonfinite/skipped": 1.0})
+        return
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(_trainable(acc.unwrap_model(module)))
+    if norm is not None:
+        buf.add({"grad_norm": norm})
 
 
 def _log_row(acc, row: dict[str, float], metrics_file: Path, bar) -> dict[str, float]:
     """Send one row of window means to the trackers (TensorBoard), metrics.jsonl and the progress bar."""
     acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     if acc.is_main_process:
-        with open(metrics_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(metrics_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:  # full disk: the next checkpoint save stops every rank with a typed error
+            log.error("could not append step %d to %s (%s); training goes on", row["step"], metrics_file, exc)
         bar.set_postfix(loss=f"{row.get('loss/total', float('nan')):.4f}")
     return row
 
 
-def prepare_run(cfg: TrainConfig, acc) -> Path | None:
-    """Apply the output-folder rules on every rank (so all raise alike), let the main process clear it for
-    ``--overwrite`` and write ``config.yaml``; return the checkpoint to resume from, or None."""
-    import yaml
-
+def check_run(cfg: TrainConfig, acc, config: dict | None = None, start_weights: dict[str, str] | None = None,
+              trainer: str = "idglow") -> RunPlan:
+    """Every rank, before any work: the output-folder rules, the checkpoint to resume from (intact, its config
+    compared with ``config``, default ``config_to_dict(cfg)``) and the start weights (``{config key: file}``)
+    read in full. Nothing is deleted; a missing or empty folder is marked as an IdGlow run folder."""
+    for what, path in (start_weights or {}).items():
+        if path:
+            verify_weights_file(path, what)
     run = cfg.run
-    resume_from = None
-    if run.resume or not run.overwrite:  # read-only checks
-        resume_from = prepare_output_dir(run.output_dir, resume=run.resume)
-    elif acc.is_main_process:
-        prepare_output_dir(run.output_dir, overwrite=True)
+    plan = plan_run(run.output_dir, resume=run.resume, overwrite=run.overwrite,
+                    config=config or config_to_dict(cfg), allow_changes=run.allow_config_change, trainer=trainer,
+                    mark=acc.is_main_process)
     acc.wait_for_everyone()
+    return plan
+
+
+def claim(plan: RunPlan, cfg: TrainConfig, acc, config: dict | None = None) -> Path | None:
+    """After the manifest, the models and the start weights passed: the main process clears what
+    ``--overwrite`` removes and writes ``config.yaml``; returns the checkpoint to resume from, or None."""
     if acc.is_main_process:
-        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run.output_dir) / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)), encoding="utf-8")
+        claim_run(plan, config or config_to_dict(cfg))
     acc.wait_for_everyone()
-    return resume_from
+    return plan.resume_from
+
+
+def prepare_run(cfg: TrainConfig, acc) -> Path | None:
+    """:func:`check_run` and :func:`claim` at once (for callers with nothing to validate in between)."""
+    return claim(check_run(cfg, acc), cfg, acc)
 
 
 def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None, accelerator=None) -> LoopResult:
     """Train ``parts.module`` for ``cfg.optim.max_steps`` optimizer steps; checkpoint and export.
 
-    ``resume_from``: a checkpoint folder (see :func:`~idglow_core.training.checkpoint.prepare_output_dir`).
-    Returns the final step, the export folder and the logged metrics (main process).
+    ``resume_from``: a checkpoint folder (see :func:`check_run` / :func:`claim`). A non-finite loss or gradient
+    stops the run with TrainingDivergedError (or skips the step, ``optim.skip_nonfinite``); non-finite weights are
+    never saved or exported (:mod:`.safety`). Returns the final step, the export folder and the logged metrics
+    (main process).
     """
     from tqdm.auto import tqdm
 
@@ -257,6 +344,10 @@ def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None
         acc.init_trackers("idglow", config={k: str(v) for k, v in config_to_dict(cfg)["loss"].items()})
     metrics_file = Path(cfg.run.output_dir) / "logs" / "metrics.jsonl"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None and acc.is_main_process:
+        trim_metrics(metrics_file, start)  # rows a stopped run logged after its checkpoint come again below
+    guard = NonFiniteGuard(cfg.optim.skip_nonfinite, cfg.optim.lr, cfg.run.output_dir,
+                           check_grads=acc.mixed_precision != "fp16")  # fp16: the grad scaler skips inf steps
     module.train()
     history, buf = [], MetricBuffer()
     bar = tqdm(total=cfg.optim.max_steps, initial=start, disable=not acc.is_main_process, desc="train")
@@ -264,14 +355,8 @@ def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None
         lr = cfg.optim.lr * min(1.0, (step + 1) / max(1, cfg.optim.warmup_steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(cfg.optim.grad_accum):
-            _micro_step(acc, parts, cfg, module, step, micro, buf)
-        if cfg.optim.max_grad_norm > 0:
-            acc.clip_grad_norm_(module.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(_trainable(acc.unwrap_model(module)))
+        losses = [_micro_step(acc, parts, cfg, module, step, micro, buf) for micro in range(cfg.optim.grad_accum)]
+        _optimizer_step(acc, cfg, module, optimizer, ema, guard, step + 1, losses, buf)
         done = step + 1
         if parts.validate is not None and cfg.run.validate_every and done % cfg.run.validate_every == 0:
             if acc.distributed_type == DistributedType.FSDP:
@@ -286,10 +371,10 @@ def run_loop(cfg: TrainConfig, parts: LoopParts, resume_from: Path | None = None
             history.append(_log_row(acc, {"step": done, "lr": lr, **buf.means()}, metrics_file, bar))
         bar.update(1)
         if cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0 and done < cfg.optim.max_steps:
-            _save(acc, cfg, module, optimizer, ema, done)
+            _save(acc, cfg, module, optimizer, ema, done, parts.config)
     bar.close()
     if start < cfg.optim.max_steps or resume_from is None:
-        _save(acc, cfg, module, optimizer, ema, cfg.optim.max_steps)
+        _save(acc, cfg, module, optimizer, ema, cfg.optim.max_steps, parts.config)
     final = _export(acc, parts, cfg, module, ema)
     acc.end_training()
     return LoopResult(step=cfg.optim.max_steps, final_dir=final, history=history, module=acc.unwrap_model(module))

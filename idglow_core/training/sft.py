@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from ..losses import add_noise, flow_loss, one_step_estimate, sample_timesteps, sft_objective, velocity_target
 from .config import LossConfig, TrainConfig
 from .identity import IdentityLoss, analyzer_detector, tiny_arcface
-from .loop import LoopParts, LoopResult, StepOutput, make_accelerator, prepare_run, run_loop
+from .loop import LoopParts, LoopResult, StepOutput, check_run, claim, make_accelerator, run_loop
 
 __all__ = ["SFTStep", "run_sft", "vae_decoder", "build_identity_loss", "draw_t_and_noise"]
 
@@ -160,7 +160,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     from .models import build_pipeline, build_train_module
 
     acc = accelerator or make_accelerator(cfg)
-    resume_from = prepare_run(cfg, acc)
+    plan = check_run(cfg, acc, start_weights={"model.init_adapter": cfg.model.init_adapter}, trainer="idglow-sft")
     analyzer = analyzer or load_analyzer(cfg.model.face_backend, model_dir=cfg.model.face_model_dir or None)
     samples = read_manifest(_manifest(cfg, acc), analyzer, max_ids=cfg.model.max_ids)
     identity = build_identity_loss(cfg, analyzer, detector, arcface)
@@ -184,7 +184,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     parts = LoopParts(module=module, samples=encoded, collate=collate, step_fn=step,
                       export=lambda m, folder, state: export_weights(m, folder, cfg.run.train, meta, state),
                       validate=validator)
-    result = run_loop(cfg, parts, resume_from=resume_from, accelerator=acc)
+    result = run_loop(cfg, parts, resume_from=claim(plan, cfg, acc), accelerator=acc)  # all checks passed
     c = step.counts
     log.info("ID loss ran on %d of %d samples (this process); %d decoded estimates had no face, %d references "
              "unmatched (each counted as %.2f)", c["id_loss_ran"], c["samples"], c["images_without_face"],
