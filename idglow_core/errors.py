@@ -44,3 +44,7 @@ class ConfigError(IdGlowError, ValueError):
 
 class DependencyError(IdGlowError, ImportError):
     """An optional dependency needed for the requested feature is not installed."""
+
+
+class ServerError(IdGlowError, RuntimeError):
+    """A server IdGlow talks to (a ComfyUI instance over HTTP) refused a request or reported a failure."""
