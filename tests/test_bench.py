@@ -247,3 +247,33 @@ def test_pipeline_method_passes_options_through_and_refuses_unknown_ones(identit
     assert Image.open(img).size == (32, 32)
     with pytest.raises(InputError):
         PipelineMethod()
+
+
+def test_bench_from_sft_rows_carries_the_ground_truth_into_the_copy_paste_measure(tmp_path, data_dir):
+    """An SFT row (target = obama3 | biden, refs = obama2 and a mirrored biden): the paste method copies the
+    references: copy-paste is +1 for Obama (obama2 pasted; the truth is another shot) and well above 0 for Biden
+    (measured 0.71: his mirrored reference is nearly the target's own shot, so theta(t, r) is small)."""
+    from idglow_core.bench.build import build_bench_from_sft
+    from idglow_core.faces import load_analyzer
+
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    shutil.copy(data_dir / "obama2.jpg", sft / "obama2.jpg")
+    Image.open(data_dir / "biden.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(sft / "biden_m.jpg")
+    PasteMethod().generate(type("R", (), {"refs": (data_dir / "obama3.jpg", data_dir / "biden.jpg"), "id": "t"}),
+                           sft / "group.jpg")
+    (sft / "val.jsonl").write_text(json.dumps({"target": "group.jpg", "refs": ["obama2.jpg", "biden_m.jpg"],
+                                               "row_id": "group.jpg", "identities": ["obama", "biden"]}) + "\n")
+    info = build_bench_from_sft(sft / "val.jsonl", tmp_path / "b")
+    assert info["rows"] == 1 and info["ground_truth"]
+    row = _rows(tmp_path / "b" / "bench.jsonl")[0]
+    assert row["task"] == "group" and row["k"] == 2 and (tmp_path / "b" / row["target"]).is_file()
+    run_bench(tmp_path / "b" / "bench.jsonl", PasteMethod(), "paste", progress=False)
+    write_manifests(tmp_path / "b" / "bench.jsonl", "paste")
+    evaluate_manifest(tmp_path / "b" / "generated.jsonl", tmp_path / "eval", load_analyzer("dlib"), progress=False)
+    res = _rows(tmp_path / "eval" / "results.jsonl")[0]
+    assert res["target_faces"] == 2
+    assert res["copy_paste"][0] == pytest.approx(1.0, abs=0.02) and res["copy_paste"][1] > 0.5
+    (sft / "bad.jsonl").write_text(json.dumps({"target": "absent.jpg", "refs": ["obama2.jpg"]}) + "\n")
+    with pytest.raises(ManifestError, match="not found"):
+        build_bench_from_sft(sft / "bad.jsonl", tmp_path / "b2")

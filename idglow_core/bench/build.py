@@ -14,6 +14,10 @@ skipped identities with their reason). Row::
     {"id": "k2-s000-group-static", "set": "k2-s000", "k": 2, "identities": ["a", "b"],
      "refs": ["refs/a.jpg", "refs/b.jpg"], "task": "group", "prompt_mode": "static", "prompt": "...",
      "prompt_source": "static", "seed": 1000}
+
+:func:`build_bench_from_sft` makes Task 1 rows from an SFT manifest instead (e.g. the ``val.jsonl`` of
+``train/make_sft_data.py``): each row keeps its real group photo as the ground truth (``target``), so
+``evaluate`` also reports MultiID-Bench's copy-paste measure.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from ..jsonl import write_jsonl_atomic
 from ..prompting.templates import TASKS, static_prompt
 from .identities import Identity, read_identities
 
-__all__ = ["BenchConfig", "build_bench", "draw_sets"]
+__all__ = ["BenchConfig", "build_bench", "build_bench_from_sft", "draw_sets"]
 
 log = logging.getLogger("idglow")
 
@@ -162,4 +166,47 @@ def build_bench(identities_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
     os.replace(tmp, out / "bench.json")
     log.info("bench: %d rows (%s) from %d identities -> %s", len(rows), ", ".join(sets_info), len(names), out)
+    return info
+
+
+def build_bench_from_sft(manifest: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0, vlm=None,
+                         enrich_config=None) -> dict:
+    """Task 1 bench rows with ground truth from an SFT manifest (``target``, ``refs``, optional ``row_id``,
+    ``identities``); paths are rewritten relative to ``out_dir/bench.jsonl``. Returns the ``bench.json`` content."""
+    from ..jsonl import raise_problems, read_jsonl, resolve_path
+
+    manifest, out = Path(manifest), Path(out_dir)
+    if not manifest.is_file():
+        raise InputError(f"SFT manifest '{manifest}' does not exist (e.g. val.jsonl of make_sft_data.py).")
+    out.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    rows = []
+    modes = ["static"] + (["dynamic"] if vlm is not None else [])
+    for i, (line, rec) in enumerate(read_jsonl(manifest, problems)):
+        target, refs = rec.get("target"), rec.get("refs")
+        if not isinstance(target, str) or not isinstance(refs, list) or not refs:
+            problems.append(f"line {line}: needs 'target' (an image path) and 'refs' (a list of image paths)")
+            continue
+        paths = [resolve_path(manifest.parent, p) for p in (target, *refs)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            problems.append(f"line {line}: file(s) not found: {missing}")
+            continue
+        rel = [Path(os.path.relpath(p.resolve(), out.resolve())).as_posix() for p in paths]
+        k, set_id = len(refs), f"sft-{i:04d}"
+        for mode in modes:
+            prompt, source = static_prompt("group", k), "static"
+            if mode == "dynamic":
+                prompt, source = _dynamic_prompt(vlm, paths[1:], "group", k, seed * 1000 + i, enrich_config)
+            rows.append({"id": f"{set_id}-group-{mode}", "set": set_id, "k": k, "source_row": rec.get("row_id", line),
+                         "identities": rec.get("identities", [f"{set_id}-p{j}" for j in range(k)]), "refs": rel[1:],
+                         "target": rel[0], "task": "group", "prompt_mode": mode, "prompt": prompt,
+                         "prompt_source": source, "seed": seed * 1000 + i})
+    raise_problems(problems, f"SFT manifest '{manifest}'")
+    write_jsonl_atomic(rows, out / "bench.jsonl")
+    info = {"source": str(manifest), "rows": len(rows), "prompt_modes": modes, "ground_truth": True,
+            "dynamic": "enricher" if vlm is not None else "left out: no VLM given (rows are static only)"}
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+    os.replace(tmp, out / "bench.json")
     return info

@@ -2,6 +2,7 @@
 
     python -m idglow_core bench build --identities portraits/ --out bench/ [--k 2 3] [--sets 50] [--seed 0]
         [--vlm QWEN_VL_DIR]                         # dynamic prompts; without it the rows are static only
+    python -m idglow_core bench build --sft-manifest data/sft/val.jsonl --out bench_gt/   # with ground truth
     python -m idglow_core bench run --manifest bench/bench.jsonl --method IdGlow --model QIE_DIR \\
         [--adapter idglow.safetensors] [--pipeline-arg steps=40 ...]      # accelerate launch -> one slice per rank
     python -m idglow_core bench run --manifest bench/bench.jsonl --method "Qwen-Image-Edit (native)" \\
@@ -24,7 +25,10 @@ log = logging.getLogger("idglow")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     b = sub.add_parser("build", help="identity portraits -> bench.jsonl (k-sets shared by Task 1 and Task 2)")
-    b.add_argument("--identities", required=True, help="folder: one sub-folder (or one image file) per person")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--identities", help="folder: one sub-folder (or one image file) per person")
+    src.add_argument("--sft-manifest", help="an SFT manifest (e.g. make_sft_data.py's val.jsonl): Task 1 rows whose "
+                                            "target photo is the ground truth (adds the copy-paste measure)")
     b.add_argument("--out", required=True, help="output folder (refs/, bench.jsonl, bench.json)")
     b.add_argument("--k", type=int, nargs="+", default=[2, 3], help="people per image (paper: 2 3)")
     b.add_argument("--sets", type=int, default=50, help="identity sets per k")
@@ -51,17 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args) -> int:
-    from ..bench.build import BenchConfig, build_bench
+    from ..bench.build import BenchConfig, build_bench, build_bench_from_sft
 
     analyzer = analyzer_from_args(args) if args.check_faces else None
     vlm = None
     if args.vlm:
         from ..prompting.vlm import load_vlm
         vlm = load_vlm(args.vlm, device=args.device, lora=args.vlm_lora)
-    info = build_bench(args.identities, args.out, BenchConfig(ks=tuple(args.k), sets_per_k=args.sets,
-                                                              seed=args.seed, tasks=tuple(args.tasks)),
-                       analyzer=analyzer, vlm=vlm)
-    print(json.dumps({k: info[k] for k in ("rows", "prompt_modes", "dynamic", "skipped_identities")}))
+    if args.sft_manifest:
+        info = build_bench_from_sft(args.sft_manifest, args.out, seed=args.seed, vlm=vlm)
+    else:
+        info = build_bench(args.identities, args.out, BenchConfig(ks=tuple(args.k), sets_per_k=args.sets,
+                                                                  seed=args.seed, tasks=tuple(args.tasks)),
+                           analyzer=analyzer, vlm=vlm)
+    print(json.dumps({k: info.get(k) for k in ("rows", "prompt_modes", "dynamic", "skipped_identities")}))
     return 0
 
 
