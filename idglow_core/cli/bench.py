@@ -98,9 +98,17 @@ def _run(args) -> int:
     read_bench(args.manifest)  # fail fast, before a model loads
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     state = None
-    if world > 1:
+    if world > 1:  # under accelerate launch / torchrun
+        import torch
         from accelerate import PartialState
-        state = PartialState()
+
+        from ..errors import InputError
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)  # PartialState() alone ignores ACCELERATE_USE_CPU and starts no group on CPU
+        if state.num_processes != world:
+            raise InputError(f"WORLD_SIZE is {world} but accelerate started {state.num_processes} process group(s); "
+                             f"the ranks would race over the same rows. Launch with `accelerate launch "
+                             f"--multi_gpu --num_processes {world}` (on CPU also ACCELERATE_USE_CPU=true).")
         rank, world = state.process_index, state.num_processes
     result = run_bench(args.manifest, _method(args, rank), args.method, rank=rank, world=world)
     if state is not None:
