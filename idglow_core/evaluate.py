@@ -7,7 +7,8 @@ Manifest: JSONL, one sample a line, paths relative to the manifest's folder::
 
 ``task`` is ``group`` (Task 1) or ``age`` (Task 2); ``prompt_mode`` is ``static`` or ``dynamic``; ``method``
 names the row of the table. A row may name its ground-truth image under ``target`` (the real group photo the
-references were cut from); the copy-paste measure is then computed (:mod:`idglow_core.bench.copypaste`). Each distinct reference file is embedded once and each image is detected once.
+references were cut from): the copy-paste measure is then computed (:mod:`idglow_core.bench.copypaste`).
+Each distinct reference file is embedded once and each image is detected once.
 Every problem with the manifest (bad JSON, missing keys, missing files, references without a face) is reported
 at once, with line numbers, before any result is written.
 """
@@ -117,7 +118,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
     """
     samples = read_manifest(manifest)
     ref_faces = _embed_references(samples, analyzer, progress)
-    results = []
+    results, truth_faces = [], {}  # truth_faces: ground-truth embeddings, one detection per file
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         try:
             image = load_image(s.image)
@@ -132,7 +133,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
                "faces": [[round(float(v), 1) for v in f.bbox] for f in gen_faces], **match.to_dict()}
         if isinstance(s.extra.get(GROUND_TRUTH_KEY), str):
             rec.update(ground_truth_record(analyzer, s.extra[GROUND_TRUTH_KEY], Path(manifest).parent, ref, gen,
-                                           match.assignment, s.line))
+                                           match.assignment, s.line, truth_faces))
         if aesthetic is not None:
             rec["aesthetic"] = float(aesthetic.score([image])[0])
         rec.update({k: v for k, v in s.extra.items() if k not in rec})
@@ -190,7 +191,9 @@ def format_tables(summary: dict) -> str:
         modes = [m for m in PROMPT_MODES if any(m in v for v in methods.values())]
         has_aes = any(cell.get("aes") is not None for v in methods.values() for cell in v.values())
         has_cp = any(cell.get("copy_paste") is not None for v in methods.values() for cell in v.values())
-        cols = ["FS", "FS(m)"] + (["Aes"] if has_aes else []) + ["ID-Conf"] + (["CP"] if has_cp else [])
+        has_idc = any(_fmt(cell.get("id_conf")) != "-" for v in methods.values() for cell in v.values())
+        cols = ["FS", "FS(m)"] + (["Aes"] if has_aes else []) + (["ID-Conf"] if has_idc else [])
+        cols += ["CP"] if has_cp else []
         cols += ["count ok", "n"]
         head = "| Method | " + " | ".join(f"{m.capitalize()} {c}" for m in modes for c in cols) + " |"
         sep = "|---|" + "---|" * (len(modes) * len(cols))
@@ -201,12 +204,13 @@ def format_tables(summary: dict) -> str:
                 c = cells.get(m, {})
                 vals += [_fmt(c.get("fs")), _fmt(c.get("fs_matched"))]
                 vals += [_fmt(c.get("aes"))] if has_aes else []
-                vals += [_fmt(c.get("id_conf"))] + ([_fmt(c.get("copy_paste"))] if has_cp else [])
+                vals += ([_fmt(c.get("id_conf"))] if has_idc else []) + ([_fmt(c.get("copy_paste"))] if has_cp else [])
                 vals += [_fmt(c.get("count_ok")), str(c.get("n", 0))]
             rows.append(f"| {method} | " + " | ".join(vals) + " |")
         parts.append(f"### {TASK_TITLES[task]}\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n")
     note = ("FS = FaceSim, Hungarian-matched cosine averaged over all references (a missing face counts 0); "
             "FS(m) = mean over matched pairs only; ID-Conf = per reference (top1 - top2) / top1 over the generated "
             "faces; CP = MultiID-Bench copy-paste (theta(g,t) - theta(g,r)) / theta(t,r) against the ground-truth "
-            "photo (+1 pasted reference, -1 ground truth); count ok = share of images with exactly one face per reference.")
+            "photo (+1 pasted reference, -1 ground truth); count ok = share of images with exactly one face per "
+            "reference.")
     return "\n".join(parts) + "\n" + note + "\n"

@@ -30,7 +30,8 @@ def download_script(collect: str, filename: str = "decisions.json") -> str:
             % (collect, filename))
 
 
-def write_page(html_path: str | os.PathLike, title: str, bar: str, body: str, style: str = "", script: str = "") -> Path:
+def write_page(html_path: str | os.PathLike, title: str, bar: str, body: str, style: str = "",
+               script: str = "") -> Path:
     """Write one self-contained page atomically: a sticky bar (``bar`` HTML, then a "Download decisions"
     button), ``body``, and the inline ``script``. Returns the path."""
     html_path = Path(html_path)

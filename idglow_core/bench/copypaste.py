@@ -68,20 +68,24 @@ def _clean(x: float):
 
 
 def ground_truth_record(analyzer, target: str | Path, base: Path, ref: np.ndarray, gen: np.ndarray,
-                        gen_assignment, line: int) -> dict:
+                        gen_assignment, line: int, cache: dict | None = None) -> dict:
     """The copy-paste fields of one evaluated row with a ground-truth image ``target`` (relative to ``base``).
 
     ref ``[k, d]``, gen ``[m, d]``: the row's reference and generated embeddings; gen_assignment: ``[k]``.
+    cache: ``{path: [p, d] ground-truth embeddings}`` shared across rows, so each photo is detected once.
     Returns ``{"copy_paste": [k] (None where undefined), "copy_paste_mean": float | None, "target_faces": p}``.
     """
     path = Path(target).expanduser()
     path = path if path.is_absolute() else base / path
-    try:
-        faces = analyzer.analyze(load_image(path))
-    except ImageReadError as exc:
-        raise ManifestError(f"line {line}: ground-truth '{GROUND_TRUTH_KEY}' image: {exc}") from exc
-    tgt = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, ref.shape[1]))
+    cache = {} if cache is None else cache
+    if path not in cache:
+        try:
+            faces = analyzer.analyze(load_image(path))
+        except ImageReadError as exc:
+            raise ManifestError(f"line {line}: ground-truth '{GROUND_TRUTH_KEY}' image: {exc}") from exc
+        cache[path] = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, ref.shape[1]))
+    tgt = cache[path]
     tgt_match = match_identities(ref, tgt)
     cp = copy_paste_scores(ref, gen, gen_assignment, tgt, tgt_match.assignment)
     mean = float(np.nanmean(cp)) if np.isfinite(cp).any() else math.nan
-    return {"copy_paste": [_clean(float(c)) for c in cp], "copy_paste_mean": _clean(mean), "target_faces": len(faces)}
+    return {"copy_paste": [_clean(float(c)) for c in cp], "copy_paste_mean": _clean(mean), "target_faces": len(tgt)}

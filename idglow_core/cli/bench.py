@@ -115,7 +115,8 @@ def _run(args) -> int:
         state.wait_for_everyone()
     if rank == 0:
         manifest, n = write_manifests(args.manifest, args.method)
-        print(f"{n} images listed in {manifest}; all methods: {os.path.join(os.path.dirname(args.manifest), 'generated.jsonl')}")
+        union = os.path.join(os.path.dirname(args.manifest), "generated.jsonl")
+        print(f"{n} images listed in {manifest}; all methods: {union}")
     print(json.dumps({"rank": rank, "world": world, "done": result.done, "existing": result.existing,
                       "skipped": result.skipped, "failed": result.failed}))
     return 1 if result.failed else 0

@@ -103,7 +103,8 @@ def read_decisions(path: str | Path, identities: set[str], face_ids: set[str], p
     problems += [f"faces.{k}: must be keep, split or reject, got {v!r}" for k, v in faces.items()
                  if v not in ("keep", "split", "reject")]
     problems += [f"rows.{k}: no such photo" for k in rows if k not in photos]
-    problems += [f"rows.{k}: must be accept or reject, got {v!r}" for k, v in rows.items() if v not in ("accept", "reject")]
+    problems += [f"rows.{k}: must be accept or reject, got {v!r}" for k, v in rows.items()
+                 if v not in ("accept", "reject")]
     if problems:
         raise ManifestError(f"{len(problems)} problem(s) in decisions file '{path}' (was the page made from "
                             f"another build?):\n  " + "\n  ".join(problems))
@@ -125,7 +126,8 @@ def relabel(faces: list[dict], labels: list[str], decisions: dict) -> tuple[list
     for ident, d in decisions["clusters"].items():
         if isinstance(d, dict) and d.get("action") == "merge" and d["into"] != ident:
             parent[ident] = d["into"]
-    rejected = {i for i, d in decisions["clusters"].items() if (d.get("action") if isinstance(d, dict) else d) == "reject"}
+    rejected = {i for i, d in decisions["clusters"].items()
+                if (d.get("action") if isinstance(d, dict) else d) == "reject"}
     out = []
     for f, lab in zip(faces, labels):
         verdict = decisions["faces"].get(f["face_id"], "keep")

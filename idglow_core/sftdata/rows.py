@@ -63,7 +63,10 @@ def _reference(i: int, faces: list[dict], labels: list, sim: np.ndarray, same_sh
     """The largest face of face i's identity from another photo that is not the same shot, or None."""
     cands = [j for j, f in enumerate(faces) if labels[j] is not None and labels[j] == labels[i]
              and f["photo"] != faces[i]["photo"] and sim[i, j] < same_shot]
-    area = lambda j: (faces[j]["bbox"][2] - faces[j]["bbox"][0]) * (faces[j]["bbox"][3] - faces[j]["bbox"][1])  # noqa: E731
+    def area(j: int) -> float:
+        x1, y1, x2, y2 = faces[j]["bbox"]
+        return (x2 - x1) * (y2 - y1)
+
     return max(cands, key=lambda j: (area(j), -j)) if cands else None
 
 
@@ -110,7 +113,8 @@ def build_rows(photos: list[dict], faces: list[dict], emb: np.ndarray, labels: l
                                                           f"photo (allow_self_refs would cut one from this photo)")
                 continue
             rows.append({"row_id": name, "target": name, "identities": [labels[i] for i in idx],
-                         "target_faces": [faces[i]["face_id"] for i in idx], "ref_faces": [faces[j]["face_id"] for j in refs],
+                         "target_faces": [faces[i]["face_id"] for i in idx],
+                         "ref_faces": [faces[j]["face_id"] for j in refs],
                          "refs": [faces[j]["crop"] for j in refs], "ref_photos": [faces[j]["photo"] for j in refs],
                          "self_ref": any(self_ref), "self_ref_mask": self_ref, "task": config.task})
     return rows, skipped
