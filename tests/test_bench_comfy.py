@@ -24,6 +24,7 @@ from comfy_helpers import comfy_dir_or_skip
 from idglow_core.bench.build import BenchConfig, build_bench
 from idglow_core.bench.comfy import ComfyMethod, read_mapping
 from idglow_core.bench.run import BenchRow, RowSkipped
+from idglow_core.cli import main as cli_main
 from idglow_core.errors import ConfigError
 from idglow_core.evaluate import evaluate_manifest
 from idglow_core.faces import DLIB_SAME_PERSON_COSINE, load_analyzer
@@ -131,7 +132,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_stitch_workflow_over_http_scores_high_resumes_after_a_kill_and_swaps_score_lower(comfy_url, tmp_path,
-                                                                                         data_dir):
+                                                                                         data_dir, capsys):
     root = tmp_path / "identities"
     (root / "obama").mkdir(parents=True)
     shutil.copy(data_dir / "obama.jpg", root / "obama" / "obama.jpg")
@@ -155,10 +156,8 @@ def test_stitch_workflow_over_http_scores_high_resumes_after_a_kill_and_swaps_sc
     done_before = len(list(images.glob("*.png")))
     assert 1 <= done_before < len(rows), first.communicate()
     assert not list(images.glob(".*.tmp"))                       # atomic writes: no half image left
-    second = _cli(*args)
-    out, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err
-    report = json.loads(out.strip().splitlines()[-1])
+    assert cli_main(["bench", "run", *args]) == 0                 # the rerun (in-process: the same command)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["existing"] == done_before and report["done"] == len(rows) - done_before
     assert not report["skipped"] and not report["failed"]
 
@@ -179,10 +178,8 @@ def test_stitch_workflow_over_http_scores_high_resumes_after_a_kill_and_swaps_sc
     originals = [r for r in rows if r["task"] == "group" and r["k"] == 2]  # a 3-set of 3 people only reorders
     swapped = [{**r, "refs": [str(tmp_path / "b" / portrait[other[n]]) for n in r["identities"]]} for r in originals]
     (swapped_dir / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swapped))
-    third = _cli("--manifest", str(swapped_dir / "bench.jsonl"), "--method", "stitch-swapped", "--comfy-url",
-                 comfy_url, "--workflow-map", str(mapping))
-    out, err = third.communicate(timeout=120)
-    assert third.returncode == 0, err
+    assert cli_main(["bench", "run", "--manifest", str(swapped_dir / "bench.jsonl"), "--method", "stitch-swapped",
+                     "--comfy-url", comfy_url, "--workflow-map", str(mapping)]) == 0
     gen = {r["id"]: r for r in _rows(swapped_dir / "runs" / "stitch-swapped" / "manifest.jsonl")}
     eval_rows = [{"refs": [str(tmp_path / "b" / p) for p in r["refs"]], "task": "group", "method": "swapped",
                   "image": str(swapped_dir / "runs" / "stitch-swapped" / gen[r["id"]]["image"])} for r in originals]

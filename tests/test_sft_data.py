@@ -277,3 +277,30 @@ def test_units_hash_cluster_and_split():
     assert split_by_identity(rows[:1], 0.5, 0) == {"r1": "train"}  # never every row in val
     with pytest.raises(ConfigError):
         SftDataConfig(min_faces=3, max_faces=2)
+
+
+def test_prompts_come_from_the_enricher_and_survive_a_review_unless_the_references_change(strict_build, tmp_path,
+                                                                                        monkeypatch):
+    from idglow_core.prompting import enricher
+
+    out, _ = strict_build
+    faces = _faces(out)
+    calls = []
+
+    def fake_enrich(vlm, images, instruction, task="group", k=None, seed=0, config=None):
+        calls.append(len(images))
+        return enricher.EnrichResult(f"enriched prompt {len(calls)}", "vlm")
+
+    monkeypatch.setattr(enricher, "enrich_prompt", fake_enrich)
+    obama = [_identity(faces, p) for p in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+    (tmp_path / "none.json").write_text(json.dumps({}))
+    apply_review(out, tmp_path / "none.json", vlm=object())       # same references as the build: its prompts stay
+    assert calls == [] and {r["prompt_source"] for r in _jsonl(out / "rows.jsonl")} == {"static"}
+    (tmp_path / "merge.json").write_text(json.dumps({"clusters": {obama[1]: {"action": "merge", "into": obama[0]},
+                                                                  obama[2]: {"action": "merge", "into": obama[0]}}}))
+    apply_review(out, tmp_path / "merge.json", vlm=object())      # both groups' Obama references change
+    rows = {r["row_id"]: r for r in _jsonl(out / "rows.jsonl")}
+    assert calls == [2, 2] and rows["group_a.jpg"]["prompt"] == "enriched prompt 1"
+    assert rows["group_b.jpg"]["prompt"] == "enriched prompt 2" and rows["group_b.jpg"]["prompt_source"] == "vlm"
+    assert rows["t1_left.jpg"]["prompt_source"] == "static"       # unchanged references: the build's prompt
+    assert _jsonl(out / "train.jsonl")[0]["prompt"] in {r["prompt"] for r in rows.values()}
