@@ -277,3 +277,30 @@ def test_bench_from_sft_rows_carries_the_ground_truth_into_the_copy_paste_measur
     (sft / "bad.jsonl").write_text(json.dumps({"target": "absent.jpg", "refs": ["obama2.jpg"]}) + "\n")
     with pytest.raises(ManifestError, match="not found"):
         build_bench_from_sft(sft / "bad.jsonl", tmp_path / "b2")
+
+
+@pytest.mark.slow
+def test_bench_run_command_loads_the_pipeline_from_folders_with_and_without_an_adapter(identities, tmp_path, capsys):
+    """``bench run --model DIR [--adapter F]`` on the tiny saved stack; faces of the references come from dlib
+    (the adapter is built for dlib's 128-d embeddings)."""
+    from idglow_core.adapter import IdGlowAdapter
+    from idglow_core.testing import save_tiny_pipeline, small_edit_images, tiny_edit_pipeline
+
+    build_bench(identities, tmp_path / "b", BenchConfig(ks=(2,), sets_per_k=1, seed=0, tasks=("age",)))
+    bench = str(tmp_path / "b" / "bench.jsonl")
+    fast = ["--pipeline-arg", "steps=2", "--pipeline-arg", "height=32", "--pipeline-arg", "width=32",
+            "--pipeline-arg", "true_cfg_scale=1"]
+    with small_edit_images():
+        pipe = tiny_edit_pipeline()
+        model = save_tiny_pipeline(pipe, tmp_path / "model")
+        adapter = IdGlowAdapter.init_for(pipe.transformer, id_dim=128).save(tmp_path / "idglow.safetensors")
+        common = ["bench", "run", "--manifest", bench, "--model", str(model), "--device", "cpu", *fast]
+        assert cli_main([*common, "--method", "IdGlow", "--adapter", str(adapter), "--face-backend", "dlib"]) == 0
+        assert cli_main([*common, "--method", "base"]) == 0
+        assert cli_main([*common, "--method", "base", "--pipeline-arg", "weight=0.5"]) == 2  # adapter-only option
+    for method in ("IdGlow", "base"):
+        img = tmp_path / "b" / "runs" / method / "images" / "k2-s000-age-static.png"
+        assert Image.open(img).size == (32, 32)
+    listed = _rows(tmp_path / "b" / "generated.jsonl")
+    assert sorted(r["method"] for r in listed) == ["IdGlow", "base"]
+    assert all((tmp_path / "b" / r["image"]).is_file() and r["task"] == "age" for r in listed)

@@ -131,6 +131,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_stitch_workflow_over_http_scores_high_resumes_after_a_kill_and_swaps_score_lower(comfy_url, tmp_path,
                                                                                          data_dir, capsys):
     root = tmp_path / "identities"

@@ -237,6 +237,7 @@ def test_the_page_script_downloads_decisions_that_apply_reads(strict_build, tmp_
     assert report["skipped"].get("rejected_row", 0) + report["skipped"].get("rejected_face", 0) >= 1
 
 
+@pytest.mark.slow
 def test_command_line_build_and_apply(photos, tmp_path):
     small = tmp_path / "photos"                         # a small set: Obama twice, group_a, Biden
     small.mkdir()
