@@ -280,7 +280,7 @@ def test_bench_from_sft_rows_carries_the_ground_truth_into_the_copy_paste_measur
 
 
 @pytest.mark.slow
-def test_bench_run_command_loads_the_pipeline_from_folders_with_and_without_an_adapter(identities, tmp_path, capsys):
+def test_bench_run_command_loads_the_pipeline_from_folders_with_and_without_an_adapter(identities, tmp_path):
     """``bench run --model DIR [--adapter F]`` on the tiny saved stack; faces of the references come from dlib
     (the adapter is built for dlib's 128-d embeddings)."""
     from idglow_core.adapter import IdGlowAdapter
