@@ -53,3 +53,7 @@ class TrainingDivergedError(IdGlowError, RuntimeError):
 class CheckpointWriteError(IdGlowError, OSError):
     """A checkpoint or the final weights could not be written (full disk, read-only folder); the previous
     checkpoint is intact."""
+
+
+class ServerError(IdGlowError, RuntimeError):
+    """A server IdGlow talks to (a ComfyUI instance over HTTP) refused a request or reported a failure."""

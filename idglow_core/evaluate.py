@@ -6,7 +6,9 @@ Manifest: JSONL, one sample a line, paths relative to the manifest's folder::
      "prompt_mode": "static", "method": "IdGlow"}
 
 ``task`` is ``group`` (Task 1) or ``age`` (Task 2); ``prompt_mode`` is ``static`` or ``dynamic``; ``method``
-names the row of the table. Each distinct reference file is embedded once and each image is detected once.
+names the row of the table. A row may name its ground-truth image under ``target`` (the real group photo the
+references were cut from): the copy-paste measure is then computed (:mod:`idglow_core.bench.copypaste`).
+Each distinct reference file is embedded once and each image is detected once.
 Every problem with the manifest (bad JSON, missing keys, missing files, references without a face) is reported
 at once, with line numbers, before any result is written.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bench.copypaste import GROUND_TRUTH_KEY, ground_truth_record
 from .errors import ImageReadError, ManifestError, NoFaceError
 from .faces.base import Face, FaceAnalyzer, pick_face
 from .facesim import match_identities
@@ -115,7 +118,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
     """
     samples = read_manifest(manifest)
     ref_faces = _embed_references(samples, analyzer, progress)
-    results = []
+    results, truth_faces = [], {}  # truth_faces: ground-truth embeddings, one detection per file
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         try:
             image = load_image(s.image)
@@ -128,6 +131,9 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
         rec = {"line": s.line, "image": str(s.image), "refs": [str(r) for r in s.refs], "task": s.task,
                "prompt_mode": s.prompt_mode, "method": s.method, "prompt": s.prompt,
                "faces": [[round(float(v), 1) for v in f.bbox] for f in gen_faces], **match.to_dict()}
+        if isinstance(s.extra.get(GROUND_TRUTH_KEY), str):
+            rec.update(ground_truth_record(analyzer, s.extra[GROUND_TRUTH_KEY], Path(manifest).parent, ref, gen,
+                                           match.assignment, s.line, truth_faces))
         if aesthetic is not None:
             rec["aesthetic"] = float(aesthetic.score([image])[0])
         rec.update({k: v for k, v in s.extra.items() if k not in rec})
@@ -149,7 +155,8 @@ def _mean(values: list[float]) -> float:
 
 
 def summarise(results: list[dict]) -> dict:
-    """``{task: {method: {prompt_mode: {"fs": strict mean, "fs_matched": ..., "aes": ..., "n": count}}}}``."""
+    """``{task: {method: {prompt_mode: {"fs": strict mean, "fs_matched": ..., "aes": ..., "id_conf": ...,
+    "copy_paste": ... (None when no row has a ground truth), "n": count}}}}``."""
     groups: dict = {}
     for r in results:
         groups.setdefault(r["task"], {}).setdefault(r["method"], {}).setdefault(r["prompt_mode"], []).append(r)
@@ -162,6 +169,9 @@ def summarise(results: list[dict]) -> dict:
                     "fs_matched": _mean([x["facesim_matched"] for x in rows]),
                     "aes": _mean([x["aesthetic"] for x in rows]) if all("aesthetic" in x for x in rows) else None,
                     "count_ok": _mean([float(x["count_ok"]) for x in rows]),
+                    "id_conf": _mean([x.get("id_conf_mean") for x in rows]),
+                    "copy_paste": (_mean([x.get("copy_paste_mean") for x in rows])
+                                   if any("copy_paste_mean" in x for x in rows) else None),
                     "n": len(rows),
                 }
     return summary
@@ -180,7 +190,11 @@ def format_tables(summary: dict) -> str:
         methods = summary[task]
         modes = [m for m in PROMPT_MODES if any(m in v for v in methods.values())]
         has_aes = any(cell.get("aes") is not None for v in methods.values() for cell in v.values())
-        cols = ["FS", "FS(m)"] + (["Aes"] if has_aes else []) + ["count ok", "n"]
+        has_cp = any(cell.get("copy_paste") is not None for v in methods.values() for cell in v.values())
+        has_idc = any(_fmt(cell.get("id_conf")) != "-" for v in methods.values() for cell in v.values())
+        cols = ["FS", "FS(m)"] + (["Aes"] if has_aes else []) + (["ID-Conf"] if has_idc else [])
+        cols += ["CP"] if has_cp else []
+        cols += ["count ok", "n"]
         head = "| Method | " + " | ".join(f"{m.capitalize()} {c}" for m in modes for c in cols) + " |"
         sep = "|---|" + "---|" * (len(modes) * len(cols))
         rows = []
@@ -190,9 +204,13 @@ def format_tables(summary: dict) -> str:
                 c = cells.get(m, {})
                 vals += [_fmt(c.get("fs")), _fmt(c.get("fs_matched"))]
                 vals += [_fmt(c.get("aes"))] if has_aes else []
+                vals += ([_fmt(c.get("id_conf"))] if has_idc else []) + ([_fmt(c.get("copy_paste"))] if has_cp else [])
                 vals += [_fmt(c.get("count_ok")), str(c.get("n", 0))]
             rows.append(f"| {method} | " + " | ".join(vals) + " |")
         parts.append(f"### {TASK_TITLES[task]}\n\n{head}\n{sep}\n" + "\n".join(rows) + "\n")
     note = ("FS = FaceSim, Hungarian-matched cosine averaged over all references (a missing face counts 0); "
-            "FS(m) = mean over matched pairs only; count ok = share of images with exactly one face per reference.")
+            "FS(m) = mean over matched pairs only; ID-Conf = per reference (top1 - top2) / top1 over the generated "
+            "faces; CP = MultiID-Bench copy-paste (theta(g,t) - theta(g,r)) / theta(t,r) against the ground-truth "
+            "photo (+1 pasted reference, -1 ground truth); count ok = share of images with exactly one face per "
+            "reference.")
     return "\n".join(parts) + "\n" + note + "\n"

@@ -31,6 +31,7 @@ import comfy_server  # noqa: E402
 
 DOCS = REPO / "docs" / "workflows"
 THUMB_WIDTH = 640
+THUMB_CROP = (60, 110, 1900, 1060)  # left, top, right, bottom of a 1920x1080 screenshot: the canvas under the menus
 
 
 def _builder():
@@ -113,7 +114,7 @@ def main() -> int:
                     browser.run_workflow(page, server)
                 shot = DOCS / (path.stem + ".png")
                 page.screenshot(path=str(shot))
-                thumb = Image.open(shot).convert("RGB")
+                thumb = Image.open(shot).convert("RGB").crop(THUMB_CROP)  # the graph, without the editor's bars
                 thumb = thumb.resize((THUMB_WIDTH, round(thumb.height * THUMB_WIDTH / thumb.width)), Image.LANCZOS)
                 thumb.save(HERE / (path.stem + ".jpg"), quality=82)
                 print(f"{path.name}: {len(geo['nodes'])} nodes, no overlaps; wrote {shot.relative_to(REPO)}")

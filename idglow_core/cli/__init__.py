@@ -15,6 +15,7 @@ from ..errors import IdGlowError
 COMMANDS = {
     "facesim": "Score one generated image against reference portraits (Hungarian-matched FaceSim).",
     "evaluate": "Evaluate a JSONL manifest of generated images: FaceSim + aesthetic, paper-style table.",
+    "bench": "Build the benchmark from identity portraits, or run a method (IdGlowPipeline / ComfyUI) over it.",
     "generate": "Generate a group photo (Task 1) or an age-transformed group (Task 2) with IdGlowPipeline.",
 }
 

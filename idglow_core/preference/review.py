@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..errors import ManifestError
 from ..jsonl import raise_problems, read_jsonl, write_jsonl_atomic
+from ..reviewpage import download_script, thumb, write_page
 from .build import relpath
 from .config import METRICS
 
@@ -75,9 +76,8 @@ def _pair_html(p: dict, folder: Path) -> str:
     e = html.escape
     pid = e(p["pair_id"], quote=True)
 
-    def img(path: str, cls: str) -> str:  # a thumbnail linking to the full image, both relative to the page
-        src = e(relpath(Path(path), folder), quote=True)
-        return f'<a href="{src}"><img class="{cls}" src="{src}" alt=""></a>'
+    def img(path: str, cls: str) -> str:
+        return thumb(path, folder, cls)
 
     refs = "".join(img(r, "ref") for r in p["refs"])
     params = e(json.dumps(p.get("rejected_params") or {}))
@@ -92,33 +92,22 @@ def _pair_html(p: dict, folder: Path) -> str:
             f'<label><input type="radio" name="{pid}" value="reject"> reject</label></section>')
 
 
-_STYLE = ("body{font-family:sans-serif;margin:1em}.pair{border:1px solid #ccc;margin:1em 0;padding:.5em}"
-          ".ref{height:80px;margin-right:4px}.cand{max-height:320px;max-width:45vw}.row{display:flex;gap:1em;"
-          "align-items:flex-start}figure{margin:0}table{border-collapse:collapse}td,th{border:1px solid #ddd;"
-          "padding:2px 6px;text-align:right}tr.pass{background:#d8f5d8}.prompt{font-style:italic}"
-          "#bar{position:sticky;top:0;background:#fff;padding:.5em 0}")
+_STYLE = (".pair{border:1px solid #ccc;margin:1em 0;padding:.5em}.ref{height:80px;margin-right:4px}"
+          ".cand{max-height:320px;max-width:45vw}.row{display:flex;gap:1em;align-items:flex-start}"
+          "tr.pass{background:#d8f5d8}")
 _SCRIPT = ("function decisions(){const d={};document.querySelectorAll('section.pair').forEach(s=>{"
            "const c=s.querySelector('input:checked');d[s.dataset.pair]=c?c.value:'reject';});return d;}"
-           "function download(){const b=new Blob([JSON.stringify({decisions:decisions()},null,1)],"
-           "{type:'application/json'});const a=document.createElement('a');a.href=URL.createObjectURL(b);"
-           "a.download='decisions.json';a.click();}")
+           "function collect(){return {decisions:decisions()};}" + download_script("collect"))
 
 
 def write_review_page(pairs_path: str | os.PathLike, html_path: str | os.PathLike) -> Path:
     """Write the review page for ``pairs.jsonl`` to ``html_path`` (atomically). Returns its path."""
     pairs = read_pairs(pairs_path)
     html_path = Path(html_path)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(_pair_html(p, html_path.parent) for p in pairs)
-    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>IdGlow preference pairs</title>'
-            f"<style>{_STYLE}</style></head><body><div id=\"bar\"><b>{len(pairs)} pairs</b> from "
-            f"{html.escape(str(pairs_path))}. Reject pairs whose chosen image has visible defects or whose "
-            f"preference is ambiguous (every pair starts as accept). "
-            f'<button onclick="download()">Download decisions</button></div>'
-            f"{body}<script>{_SCRIPT}</script></body></html>\n")
-    tmp = html_path.with_name(f".{html_path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, html_path)
+    bar = (f"<b>{len(pairs)} pairs</b> from {html.escape(str(pairs_path))}. Reject pairs whose chosen image has "
+           f"visible defects or whose preference is ambiguous (every pair starts as accept).")
+    write_page(html_path, "IdGlow preference pairs", bar, body, _STYLE, _SCRIPT)
     log.info("review page with %d pairs: %s", len(pairs), html_path)
     return html_path
 
