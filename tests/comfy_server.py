@@ -33,10 +33,11 @@ def free_port() -> int:
 class ComfyServer:
     """``with ComfyServer(comfy_dir) as server: server.get("/queue")``.
 
-    base: the base directory (a new temporary folder when None). ``server.url`` is ``http://127.0.0.1:<port>``.
+    base: the base directory (a new temporary folder when None). with_pack: link this checkout into its
+    custom_nodes/ (False: core nodes only). ``server.url`` is ``http://127.0.0.1:<port>``.
     """
 
-    def __init__(self, comfy_dir: Path, base: Path | None = None, timeout: float = 180.0):
+    def __init__(self, comfy_dir: Path, base: Path | None = None, timeout: float = 180.0, with_pack: bool = True):
         self.comfy_dir = Path(comfy_dir)
         self.base = Path(base) if base is not None else Path(tempfile.mkdtemp(prefix="idglow_comfy_base_"))
         self.port = free_port()
@@ -44,12 +45,14 @@ class ComfyServer:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "server.log"
+        self.with_pack = with_pack
+        self.ready_path = f"/object_info/{READY_NODE if with_pack else 'SaveImage'}"
 
     def __enter__(self) -> "ComfyServer":
         for sub in ("custom_nodes", "models", "input", "output", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / PACK_DIR_NAME
-        if not link.exists():
+        if self.with_pack and not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(self.log_path, "w") as log:
@@ -63,7 +66,7 @@ class ComfyServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log()[-3000:]}")
             try:
-                self.get(f"/object_info/{READY_NODE}")
+                self.get(self.ready_path)
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)

@@ -11,16 +11,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from comfy_helpers import comfy_dir_or_skip
+from comfy_server import ComfyServer
 from idglow_core.bench.build import BenchConfig, build_bench
 from idglow_core.bench.comfy import ComfyMethod, read_mapping
 from idglow_core.bench.run import BenchRow, RowSkipped
@@ -81,44 +80,11 @@ def test_mapping_fills_refs_prompt_and_seed_and_checks_the_file(tmp_path):
         read_mapping(tmp_path / "bad2.yaml")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def comfy_url(tmp_path_factory):
-    comfy = comfy_dir_or_skip()
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()                  # an empty pack folder: core nodes only
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--disable-api-nodes", "--disable-auto-launch", "--base-directory", str(base),
-                             "--database-url", "sqlite:///:memory:"],
-                            cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/object_info/ImageStitch", timeout=2) as r:
-                    if "ImageStitch" in json.loads(r.read()):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not start: {(base / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    """A real ComfyUI with core nodes only (no pack: the 'method' needs no IdGlow node)."""
+    with ComfyServer(comfy_dir_or_skip(), base=tmp_path_factory.mktemp("comfy_base"), with_pack=False) as server:
+        yield server.url
 
 
 def _cli(*args: str) -> subprocess.Popen:
