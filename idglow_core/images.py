@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError, ImageTooLargeError, InputError
 
-__all__ = ["load_image", "check_image", "to_rgb_uint8", "save_image_atomic", "MAX_IMAGE_PIXELS"]
+__all__ = ["load_image", "check_image", "as_image_list", "to_rgb_uint8", "save_image_atomic", "MAX_IMAGE_PIXELS"]
 
 # Images above this many pixels are refused before they are decoded (a 24 MP photo is 24e6; an 80 MP RGB image
 # already needs 240 MB decoded). It is below Pillow's own decompression-bomb warning (89.5 MP); Pillow's hard
@@ -113,6 +113,17 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> n
             return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
     except (OSError, SyntaxError, ValueError) as exc:
         raise _damaged(path, exc) from exc
+
+
+def as_image_list(images, what: str = "images") -> list:
+    """``list(images)``, refusing one path or one ``[H, W, C]`` array given alone (which ``list`` would split
+    into letters or pixel rows, each then failing with a misleading message)."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
+                                                                      and images.ndim == 3):
+        one = f"path {str(images)!r}" if isinstance(images, (str, bytes, os.PathLike)) else "image"
+        raise InputError(f"{what} must be a list with one image per person, got a single {one}. Wrap it in a "
+                         f"list: [{'path' if 'path' in one else 'image'}].")
+    return list(images)
 
 
 def to_rgb_uint8(image) -> np.ndarray:

@@ -110,3 +110,15 @@ def test_folder_and_truncated_files_name_the_real_cause(tmp_path, data_dir):
             fn(tmp_path / "cut.jpg")
         assert "Use a JPEG" not in str(err.value) and "Re-export or re-copy" in str(err.value)
     assert check_image(data_dir / "obama.jpg") == (320, 400)
+
+
+def test_one_path_or_one_image_where_a_list_is_expected_is_named(tmp_path):
+    from idglow_core.faces import reference_faces
+    from idglow_core.images import as_image_list
+    from idglow_core.testing import OneFaceAnalyzer
+
+    with pytest.raises(InputError, match=r"reference images must be a list .* got a single path 'me.jpg'"):
+        reference_faces(OneFaceAnalyzer(), "me.jpg")  # was split into 'm', 'e', ... -> "not found: 'm'"
+    with pytest.raises(InputError, match="single image"):
+        as_image_list(np.zeros((4, 4, 3), np.uint8))
+    assert len(as_image_list(np.zeros((2, 4, 4, 3), np.uint8))) == 2 and as_image_list(("a", "b")) == ["a", "b"]
