@@ -84,10 +84,12 @@ class ResultStore:
         self._overwrite, self._bad = False, 0
 
     @classmethod
-    def prepare(cls, out_dir: str | os.PathLike, run: dict, overwrite: bool = False) -> "ResultStore":
+    def prepare(cls, out_dir: str | os.PathLike, run: dict, overwrite: bool = False,
+                keys: tuple[str, ...] | None = None) -> "ResultStore":
         """Check the folder and read the finished rows; changes nothing on disk (call :meth:`start` once the
         inputs are checked). run: JSON-ready description of the evaluation (``manifest_sha256``, backend, ...);
-        rows are reused only when it equals the stored one, else :class:`OutputError` unless ``overwrite``."""
+        rows are reused only when it equals the stored one, else :class:`OutputError` unless ``overwrite``.
+        keys: compare only these entries (an early check before the models that fill the others are loaded)."""
         out = check_output_dir(out_dir)
         rows, bad = ({}, 0) if overwrite else _read_rows(out / RESULTS)
         old = None
@@ -96,6 +98,8 @@ class ResultStore:
                 old = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError):
                 old = None
+        if keys is not None and old is not None:
+            old = {k: old.get(k) for k in keys}
         if (rows or bad) and old != run:
             if old is None:
                 raise OutputError(f"'{out}' already holds {RESULTS} ({len(rows)} rows) from an unknown run (no "

@@ -168,6 +168,22 @@ def _pending(samples: list[Sample], done: dict[int, dict]) -> list[Sample]:
     return out
 
 
+def _evaluate_rows(todo: list[Sample], batch: FileAnalyzer, ref_faces: dict[Path, Face], store: ResultStore,
+                   aesthetic, progress: bool) -> None:
+    """Analyse each distinct generated image once and append one row per manifest line that names it."""
+    by_image = _first_lines(todo, lambda s: (s.image,))
+    line_sample = {s.line: s for s in todo}
+    with tqdm(total=len(todo), desc="evaluate", unit="sample", disable=not progress) as bar:
+        for path, faces in batch.analyze(by_image):
+            if isinstance(faces, ImageReadError):  # changed since the check
+                raise ManifestError(f"{_where(by_image[path])}: {faces}")
+            aes = float(aesthetic.score([load_image(path)])[0]) if aesthetic is not None else None
+            sig = file_signature(path)
+            for line in by_image[path]:
+                store.append(score_sample(line_sample[line], faces, ref_faces, sig, aes))
+                bar.update(1)
+
+
 def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, analyzer: FaceAnalyzer,
                       aesthetic=None, progress: bool = True, overwrite: bool = False, workers: int = 1) -> dict:
     """Evaluate every sample; append rows to ``out_dir/results.jsonl``, write ``out_dir/summary.md``; return the
@@ -189,18 +205,7 @@ def evaluate_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, a
         ref_faces = _check_inputs(todo, batch, progress) if todo else {}
         store.start()
         try:
-            by_image = _first_lines(todo, lambda s: (s.image,))
-            line_sample = {s.line: s for s in todo}
-            bar = tqdm(total=len(todo), desc="evaluate", unit="sample", disable=not progress)
-            for path, faces in batch.analyze(by_image):
-                if isinstance(faces, ImageReadError):  # changed since the check
-                    raise ManifestError(f"{_where(by_image[path])}: {faces}")
-                aes = float(aesthetic.score([load_image(path)])[0]) if aesthetic is not None else None
-                sig = file_signature(path)
-                for line in by_image[path]:
-                    store.append(score_sample(line_sample[line], faces, ref_faces, sig, aes))
-                    bar.update(1)
-            bar.close()
+            _evaluate_rows(todo, batch, ref_faces, store, aesthetic, progress)
         except KeyboardInterrupt:
             log.warning("interrupted: %d of %d rows are kept in %s; rerun the same command to resume",
                         len(store.done), len(samples), store.out / "results.jsonl")

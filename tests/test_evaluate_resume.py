@@ -175,3 +175,17 @@ def test_evaluate_command_refuses_cuda_workers_and_an_unwritable_out(tmp_path, c
     (tmp_path / "f").write_text("x")
     assert cli_main(["evaluate", "--manifest", str(manifest), "--out", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_evaluate_command_refuses_another_manifest_before_loading_models(tmp_path, capsys, monkeypatch):
+    manifest = make_set(tmp_path, n_images=2)
+    out = tmp_path / "out"
+    evaluate_manifest(manifest, out, CountingAnalyzer(), progress=False)
+    other = tmp_path / "other.jsonl"
+    other.write_text(manifest.read_text().splitlines()[0] + "\n")
+
+    def no_models(args):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr("idglow_core.cli.evaluate.analyzer_from_args", no_models)
+    assert cli_main(["evaluate", "--manifest", str(other), "--out", str(out)]) == 2
+    assert "different manifest_sha256" in capsys.readouterr().err

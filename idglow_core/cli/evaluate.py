@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval_store import check_output_dir
+    from ..eval_store import ResultStore, check_output_dir, manifest_sha256
     from ..evaluate import evaluate_manifest, format_tables, read_manifest
 
     if args.workers < 1:
@@ -37,8 +37,11 @@ def run(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.provider == "cuda":
         raise InputError("--workers applies to CPU face backends; with --provider cuda use --workers 1 (one GPU "
                          "session already takes the whole image batch).")
-    check_output_dir(args.out)  # fail fast, before any model loads: a writable output folder ...
-    read_manifest(args.manifest)  # ... and a sound manifest
+    # fail fast, before any model loads: a writable output folder, a sound manifest, no results of another one
+    check_output_dir(args.out)
+    read_manifest(args.manifest)
+    ResultStore.prepare(args.out, {"manifest_sha256": manifest_sha256(args.manifest)}, args.overwrite,
+                        keys=("manifest_sha256",))
     scorer = None
     if args.aesthetic_dir:
         from ..aesthetic import AestheticScorer
