@@ -40,6 +40,14 @@ __all__ = ["GenerateConfig", "IdGlowResult", "IdGlowPipeline", "load_edit_pipeli
 log = logging.getLogger("idglow")
 
 
+def _finite(value) -> bool:
+    """True for a finite real number (python, numpy or a one-element tensor)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class GenerateConfig:
     """Options of one generation. ``schedule=None`` uses the task's preset; ``prompt=None`` its template."""
@@ -62,16 +70,15 @@ class GenerateConfig:
         if self.task not in TASK_SCHEDULES:
             raise InputError(f"Unknown task '{self.task}'. Use one of {sorted(TASK_SCHEDULES)} ('group' = direct "
                              f"group fusion, 'age' = the same people as children).")
-        finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (self.weight, self.true_cfg_scale))
-        if not finite or self.steps < 1 or self.weight < 0 or self.true_cfg_scale < 0:
+        if not (_finite(self.weight) and _finite(self.true_cfg_scale)) or self.steps < 1 or self.weight < 0 \
+                or self.true_cfg_scale < 0:
             raise InputError(f"steps must be >= 1 and weight, true_cfg_scale finite numbers >= 0; got "
                              f"steps={self.steps}, weight={self.weight}, true_cfg_scale={self.true_cfg_scale}.")
         for name in ("id_weights", "face_indices"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")):
                 raise InputError(f"{name} must be a list with one entry per reference, got {value!r}.")
-        if self.id_weights is not None and not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
-                                                   for w in self.id_weights):
+        if self.id_weights is not None and not all(_finite(w) and float(w) >= 0 for w in self.id_weights):
             raise InputError(f"id_weights must be finite numbers >= 0, one per reference; got {list(self.id_weights)}.")
 
     def resolved_schedule(self) -> Schedule:
