@@ -189,3 +189,15 @@ def test_evaluate_command_refuses_another_manifest_before_loading_models(tmp_pat
     monkeypatch.setattr("idglow_core.cli.evaluate.analyzer_from_args", no_models)
     assert cli_main(["evaluate", "--manifest", str(other), "--out", str(out)]) == 2
     assert "different manifest_sha256" in capsys.readouterr().err
+
+
+def test_workers_need_a_picklable_analyzer_and_a_positive_count():
+    from idglow_core.errors import InputError
+    from idglow_core.faces.batch import FileAnalyzer
+
+    local = CountingAnalyzer()
+    local.hook = lambda: None  # a lambda cannot be sent to another process
+    with pytest.raises(InputError, match="cannot be sent to worker processes"):
+        FileAnalyzer(local, workers=2)
+    with pytest.raises(InputError, match="workers must be a whole number >= 1"):
+        FileAnalyzer(OneFaceAnalyzer(), workers=0)
