@@ -6,7 +6,9 @@ random order, built from the public-domain test photos), and samples/s for ``eva
 
 ``dedup`` (dlib): manifests of ``--lines`` lines naming only D distinct images (D from ``--distinct``):
 evaluation time follows D, not the line count (``analyze_calls`` counts detector runs). ``workers``: the
-100-sample evaluation with ``--workers`` processes against one.
+100-sample evaluation with ``--workers`` processes against one. ``large_image`` (dlib): one ``--large-mp``
+photo (a composite upscaled) analysed at the detection working size, then at full size (``detect_max_side``
+unlimited, the old behaviour): seconds, faces and the process's peak RSS after each (0 = skip).
 
     python bench/bench_faces.py [--n 100] [--lines 200] [--distinct 4,20] [--workers 2]
                                 [--insightface-dir DIR] [--provider cpu|cuda]
@@ -114,6 +116,27 @@ def bench_workers(analyzer, manifest: Path, workers: int, out: Path) -> dict:
             "speedup": round(times[1] / times[workers], 2), "note": "includes starting the worker processes"}
 
 
+def bench_large(manifest: Path, megapixels: float) -> dict:
+    import resource
+
+    import numpy as np
+
+    from idglow_core.faces.dlib_backend import DlibAnalyzer
+
+    img = Image.open(sorted(manifest.parent.glob("*.jpg"))[0]).convert("RGB")
+    scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
+    big = np.asarray(img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC))
+    out = {"size": [int(big.shape[1]), int(big.shape[0])], "megapixels": round(big.shape[0] * big.shape[1] / 1e6, 1)}
+    for label, side in (("working_size", None), ("full_size", 10 ** 9)):
+        analyzer = DlibAnalyzer() if side is None else DlibAnalyzer(detect_max_side=side)
+        t0 = time.perf_counter()
+        faces = analyzer.analyze(big)
+        out[label] = {"detect_max_side": analyzer.detect_max_side, "s": round(time.perf_counter() - t0, 2),
+                      "faces": len(faces),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100)
@@ -122,6 +145,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=200, help="manifest lines of the dedup runs")
     ap.add_argument("--distinct", default="4,20", help="distinct images of the dedup runs (comma-separated)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes to compare with 1 (0 = skip)")
+    ap.add_argument("--large-mp", type=float, default=24.0, help="megapixels of the large-image run (0 = skip)")
     args = ap.parse_args()
     results = {"machine": {"python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
                            "processor": platform.machine()}, "backends": [], "skipped": {}}
@@ -131,6 +155,8 @@ def main() -> None:
         results["backends"].append(bench_backend(dlib, manifest, Path(tmp) / "out_dlib"))
         results["dedup"] = [bench_dedup(dlib, manifest, args.lines, int(d), Path(tmp) / f"out_dedup_{d}")
                             for d in args.distinct.split(",")]
+        if args.large_mp > 0:
+            results["large_image"] = bench_large(manifest, args.large_mp)
         if args.workers > 1:
             results["workers"] = bench_workers(dlib, manifest, args.workers, Path(tmp) / "out_workers")
         if args.insightface_dir:
