@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import IncompatibleAdapterError, InputError, ModelFormatError, ModelNotFoundError
-from .id_encoder import MultiIdEncoder, expand_id_weights
+from .id_encoder import MultiIdEncoder, check_finite, expand_id_weights
 from .schedules import Schedule
 
 __all__ = ["AdapterConfig", "IdCondition", "IdCrossAttention", "IdGlowAdapter", "AttachedAdapter", "count_parameters"]
@@ -218,6 +218,9 @@ class IdGlowAdapter(nn.Module):
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise ModelNotFoundError(f"Adapter path {path} is a folder, not a file. Pass the IdGlow .safetensors "
+                                     f"file inside it (e.g. {path}/idglow_adapter.safetensors).")
         if not path.is_file():
             raise ModelNotFoundError(f"Adapter file {path} does not exist. Pass the path of an IdGlow "
                                      f".safetensors adapter (e.g. models/idglow/idglow_2511.safetensors).")
@@ -228,6 +231,7 @@ class IdGlowAdapter(nn.Module):
         except (SafetensorError, OSError) as exc:
             raise ModelFormatError(f"Cannot read {path} as safetensors ({exc}). Re-download or re-save it.") from None
         adapter = cls(AdapterConfig.from_metadata(meta))
+        _check_tensors(path, tensors, adapter.state_dict())
         missing, unexpected = adapter.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ModelFormatError(f"{path} does not match its own metadata: missing {missing[:5]}, "
@@ -244,7 +248,14 @@ class IdGlowAdapter(nn.Module):
 
     def condition(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None, weight: float | torch.Tensor = 1.0,
                   schedule: Schedule | str | None = None, id_weights: torch.Tensor | None = None) -> IdCondition:
-        """Encode and pack for ``attention_kwargs={"idglow": ...}``. ``id_weights``: ``[B, K]`` or ``[K]``."""
+        """Encode and pack for ``attention_kwargs={"idglow": ...}``. ``id_weights``: ``[B, K]`` or ``[K]``.
+
+        Non-finite embeddings, weight or id_weights raise :class:`InputError` (one NaN would blacken the image)."""
+        check_finite(embeddings, "Face embeddings", "Re-detect the reference faces or recompute the embeddings "
+                     "(a NaN often comes from a face model run in fp16, or an all-zero vector normalised).")
+        check_finite(weight, "The identity weight", "Use a finite strength such as 1.0.")
+        if id_weights is not None:
+            check_finite(id_weights, "The per-identity weights", "Give one finite strength per reference.")
         tokens, token_mask = self.encode(embeddings, mask)
         sched = schedule if isinstance(schedule, Schedule) else (
             Schedule("constant") if schedule is None else Schedule.parse(schedule))
@@ -288,6 +299,20 @@ class IdGlowAdapter(nn.Module):
         """Hook into a diffusers ``QwenImageTransformer2DModel``; returns the handle to detach with."""
         self.check_fits(transformer)
         return AttachedAdapter(self, transformer)
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`ModelFormatError` listing every tensor of the file with the wrong shape or a NaN/inf value."""
+    shape = [f"{k}: {tuple(t.shape)} (expected {tuple(expected[k].shape)})" for k, t in tensors.items()
+             if k in expected and t.shape != expected[k].shape]
+    if shape:
+        raise ModelFormatError(f"{path} has {len(shape)} tensor(s) whose shape does not match its own metadata: "
+                               f"{'; '.join(shape[:5])}. The file is damaged or was edited; re-export it.")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ModelFormatError(f"{path} holds NaN or inf weights in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+                               f"{', ...' if len(bad) > 5 else ''}), e.g. saved from a training run that diverged. "
+                               f"Use an earlier checkpoint or retrain with a lower learning rate.")
 
 
 def _transformer_shape(transformer: nn.Module) -> tuple[int, int]:

@@ -18,6 +18,14 @@ class ImageReadError(IdGlowError, ValueError):
     """A file could not be read as an image."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image has more pixels than IdGlow accepts (``idglow_core.images.MAX_IMAGE_PIXELS``)."""
+
+
+class OutputError(IdGlowError, OSError):
+    """An output folder or file cannot be written, or holds results that must not be replaced."""
+
+
 class NoFaceError(IdGlowError, ValueError):
     """No face was found where one is required (a reference image, a training target)."""
 

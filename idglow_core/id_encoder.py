@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .errors import IncompatibleAdapterError, InputError
 
-__all__ = ["MultiIdEncoder", "pad_identities", "expand_id_weights"]
+__all__ = ["MultiIdEncoder", "pad_identities", "expand_id_weights", "check_finite"]
 
 
 def _embedding_dim_error(got: int, want: int) -> IncompatibleAdapterError:
@@ -29,6 +29,18 @@ def _embedding_dim_error(got: int, want: int) -> IncompatibleAdapterError:
             " Use the face backend this adapter was trained with." if want != 512 else "")
     return IncompatibleAdapterError(f"Face embeddings have {got} dimensions but this adapter was trained on "
                                     f"{want}-d embeddings.{hint}")
+
+
+def check_finite(values, what: str, fix: str) -> None:
+    """Raise :class:`InputError` when ``values`` (tensor, array, number or sequence) holds NaN or inf.
+
+    One NaN in one face embedding turns every identity token NaN and the generated image black; the message
+    names the first bad entries (index tuples) so the user can find the input."""
+    t = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        where = torch.nonzero(~torch.isfinite(t))[:5].tolist()
+        raise InputError(f"{what} contain non-finite values (NaN or inf) at {where}"
+                         f"{' ...' if int((~torch.isfinite(t)).sum()) > 5 else ''}. {fix}")
 
 
 def pad_identities(embeddings: Sequence[torch.Tensor], max_ids: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,14 +6,20 @@ Conventions: a "numpy image" is ``[H, W, 3]`` uint8 RGB; a "tensor image" is ``[
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageReadError, InputError
+from .errors import ImageReadError, ImageTooLargeError, InputError
 
-__all__ = ["load_image", "to_rgb_uint8", "save_image_atomic"]
+__all__ = ["load_image", "check_image", "as_image_list", "to_rgb_uint8", "save_image_atomic", "MAX_IMAGE_PIXELS"]
+
+# Images above this many pixels are refused before they are decoded (a 24 MP photo is 24e6; an 80 MP RGB image
+# already needs 240 MB decoded). It is below Pillow's own decompression-bomb warning (89.5 MP); Pillow's hard
+# limit (179 MP) is turned into the same typed error.
+MAX_IMAGE_PIXELS = 80_000_000
 
 
 def _flatten_alpha(img: Image.Image) -> Image.Image:
@@ -23,18 +29,78 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def _missing(path: Path) -> ImageReadError:
+    if path.is_dir():
+        return ImageReadError(f"'{path}' is a folder, not an image file. Name an image file inside it "
+                              f"(a JPEG, PNG or WebP).")
+    return ImageReadError(f"Image file not found: '{path}'. Check the path (relative paths are resolved "
+                          f"from the current directory or from the manifest's folder).")
+
+
+def _too_large(path: Path, pixels: int | None, limit: int) -> ImageTooLargeError:
+    size = f"{pixels / 1e6:.1f} MP" if pixels else "more pixels than Pillow's safety limit"
+    return ImageTooLargeError(f"'{path}' has {size}, above the limit of {limit / 1e6:.0f} MP "
+                              f"(idglow_core.images.MAX_IMAGE_PIXELS; such files can be decompression bombs and a "
+                              f"face detector gains nothing from them). Downscale it, e.g. to 4096 px on the long "
+                              f"side.")
+
+
+def _open_checked(path: Path, max_pixels: int):
+    """Open ``path`` lazily (header only) after the folder/missing/size checks; the caller closes it."""
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        with warnings.catch_warnings():  # our own limit below is the one that applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None, max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"'{path}' is not an image in a format Pillow knows ({exc}). Use a JPEG, PNG or "
+                             f"WebP file.") from exc
+    except OSError as exc:
+        raise ImageReadError(f"Cannot open '{path}' ({exc}). Check its permissions.") from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise _too_large(path, w * h, max_pixels)
+    return img
+
+
+def _damaged(path: Path, exc: Exception) -> ImageReadError:
+    what = "incomplete (the file is truncated)" if "truncated" in str(exc) else "damaged"
+    return ImageReadError(f"'{path}' is a {what} image ({type(exc).__name__}: {exc}). Re-export or re-copy it; "
+                          f"the file itself is the problem, not its format.")
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Decode ``path`` fully without converting it; return ``(width, height)``.
+
+    Raises the same typed errors as :func:`load_image` (folder, missing, too large, not an image, truncated or
+    damaged), so a batch job can check every input before it starts.
+    """
+    path = Path(path)
+    img = _open_checked(path, max_pixels)
+    try:
+        with img:
+            img.load()
+            return img.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file as ``[H, W, 3]`` uint8 RGB.
 
     EXIF orientation is applied; grayscale, palette, 16-bit and RGBA/LA images are converted (alpha is
-    composited onto white). Raises :class:`ImageReadError` for a missing or non-image file.
+    composited onto white). Raises :class:`ImageReadError` for a missing file, a folder, a non-image or a
+    truncated/damaged file, and :class:`ImageTooLargeError` above ``max_pixels`` (checked from the header,
+    before decoding).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"Image file not found: '{path}'. Check the path (relative paths are resolved "
-                             f"from the current directory or from the manifest's folder).")
+    img = _open_checked(path, max_pixels)
     try:
-        with Image.open(path) as img:
+        with img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = _flatten_alpha(img)
@@ -45,9 +111,19 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             else:
                 img = img.convert("RGB")
             return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"Cannot read '{path}' as an image ({type(exc).__name__}: {exc}). "
-                             f"Use a JPEG, PNG or WebP file.") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def as_image_list(images, what: str = "images") -> list:
+    """``list(images)``, refusing one path or one ``[H, W, C]`` array given alone (which ``list`` would split
+    into letters or pixel rows, each then failing with a misleading message)."""
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray)
+                                                                      and images.ndim == 3):
+        one = f"path {str(images)!r}" if isinstance(images, (str, bytes, os.PathLike)) else "image"
+        raise InputError(f"{what} must be a list with one image per person, got a single {one}. Wrap it in a "
+                         f"list: [{'path' if 'path' in one else 'image'}].")
+    return list(images)
 
 
 def to_rgb_uint8(image) -> np.ndarray:

@@ -20,6 +20,7 @@ conditional and the negative pass, as the adapter was trained without ID dropout
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,21 @@ import torch
 
 from .adapter import KWARG, IdGlowAdapter
 from .errors import IncompatibleAdapterError, InputError, ModelNotFoundError
-from .images import load_image, to_rgb_uint8
+from .id_encoder import check_finite
+from .images import as_image_list, load_image, to_rgb_uint8
 from .schedules import TASK_SCHEDULES, Schedule
 
 __all__ = ["GenerateConfig", "IdGlowResult", "IdGlowPipeline", "load_edit_pipeline", "offline_processor"]
 
 log = logging.getLogger("idglow")
+
+
+def _finite(value) -> bool:
+    """True for a finite real number (python, numpy or a one-element tensor)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
@@ -60,9 +70,16 @@ class GenerateConfig:
         if self.task not in TASK_SCHEDULES:
             raise InputError(f"Unknown task '{self.task}'. Use one of {sorted(TASK_SCHEDULES)} ('group' = direct "
                              f"group fusion, 'age' = the same people as children).")
-        if self.steps < 1 or self.weight < 0 or self.true_cfg_scale < 0:
-            raise InputError(f"steps must be >= 1 and weight, true_cfg_scale >= 0; got steps={self.steps}, "
-                             f"weight={self.weight}, true_cfg_scale={self.true_cfg_scale}.")
+        if not (_finite(self.weight) and _finite(self.true_cfg_scale)) or self.steps < 1 or self.weight < 0 \
+                or self.true_cfg_scale < 0:
+            raise InputError(f"steps must be >= 1 and weight, true_cfg_scale finite numbers >= 0; got "
+                             f"steps={self.steps}, weight={self.weight}, true_cfg_scale={self.true_cfg_scale}.")
+        for name in ("id_weights", "face_indices"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")):
+                raise InputError(f"{name} must be a list with one entry per reference, got {value!r}.")
+        if self.id_weights is not None and not all(_finite(w) and float(w) >= 0 for w in self.id_weights):
+            raise InputError(f"id_weights must be finite numbers >= 0, one per reference; got {list(self.id_weights)}.")
 
     def resolved_schedule(self) -> Schedule:
         if self.schedule is None:
@@ -186,6 +203,7 @@ class IdGlowPipeline:
             if emb.ndim != 2 or emb.shape[0] != len(images):
                 raise InputError(f"Precomputed embeddings must be [k, d] with k = {len(images)} references, got "
                                  f"{tuple(emb.shape)}.")
+            check_finite(emb, "Precomputed embeddings", "Recompute them; rows are references in order.")
             return emb, [{"source": "precomputed"} for _ in range(len(images))]
         if self.analyzer is None:
             raise InputError("No face analyzer was given and no embeddings were passed. Pass embeddings "
@@ -209,7 +227,7 @@ class IdGlowPipeline:
         from PIL import Image
 
         cfg = config or GenerateConfig()
-        refs = [_as_rgb(r) for r in references]
+        refs = [_as_rgb(r) for r in as_image_list(references, "references")]
         if not refs:
             raise InputError("No reference images given. Pass one portrait per person.")
         k, max_ids = len(refs), self.adapter.config.max_ids

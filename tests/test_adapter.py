@@ -238,3 +238,49 @@ def test_block_residual_on_another_device_than_the_activations_raises():
     tokens, mask = adapter.encode(torch.randn(1, 1, 8))
     with pytest.raises(InputError, match="Move the adapter"):
         adapter.block_residual(0, torch.randn(1, 4, 32, device="meta"), tokens, mask, 1.0)
+
+
+def _resave(src, dst, edit):
+    """Copy an adapter file with ``edit(tensors)`` applied, keeping its metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_non_finite_identity_inputs_are_refused(tr):
+    adapter = _trained(IdGlowAdapter.init_for(tr))
+    emb = random_embeddings(2)[None]
+    adapter.condition(emb)
+    bad = emb.clone()
+    bad[0, 1, 7] = float("nan")  # before the check: identity 2's tokens are NaN, and attention spreads it to all
+    with torch.no_grad():
+        tokens, mask = adapter.encode(bad)
+        res = adapter.block_residual(0, torch.randn(1, 6, 48), tokens, mask, 1.0)
+    assert torch.isnan(res).all()
+    with pytest.raises(InputError, match=r"Face embeddings contain non-finite values .* at \[\[0, 1, 7\]\]"):
+        adapter.condition(bad)
+    with pytest.raises(InputError, match="identity weight"):
+        adapter.condition(emb, weight=float("nan"))
+    with pytest.raises(InputError, match="per-identity weights"):
+        adapter.condition(emb, id_weights=torch.tensor([1.0, float("inf")]))
+
+
+def test_adapter_files_with_nan_or_wrongly_shaped_tensors_are_refused(tr, tmp_path):
+    path = _trained(IdGlowAdapter.init_for(tr)).save(tmp_path / "a.safetensors")
+
+    def poison(t):
+        t["blocks.1.to_out.weight"][0, 0] = float("nan")
+    with pytest.raises(ModelFormatError, match=r"NaN or inf weights in 1 tensor\(s\) \(blocks.1.to_out.weight\)"):
+        IdGlowAdapter.load(_resave(path, tmp_path / "nan.safetensors", poison))
+
+    def reshape(t):
+        t["encoder.slot"] = torch.zeros(3, t["encoder.slot"].shape[1])
+    with pytest.raises(ModelFormatError, match=r"encoder.slot: \(3, 48\) \(expected \(4, 48\)\)"):
+        IdGlowAdapter.load(_resave(path, tmp_path / "shape.safetensors", reshape))
+    with pytest.raises(ModelNotFoundError, match="is a folder, not a file"):
+        IdGlowAdapter.load(tmp_path)

@@ -130,3 +130,36 @@ def test_auto_falls_back_to_dlib_without_insightface_folder(tmp_path, monkeypatc
     assert "det_10g.onnx" in caplog.text  # a folder the caller named but that lacks the files is reported
     with pytest.raises(InputError, match="Unknown face backend"):
         load_analyzer("mtcnn")
+
+
+def test_large_images_are_detected_downscaled_but_embedded_at_full_resolution(photos, embeddings):
+    from idglow_core.faces.dlib_backend import DlibAnalyzer
+
+    big = cv2.resize(photos["obama"], None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)  # 1280 x 1600
+    small_analyzer = DlibAnalyzer(detect_max_side=640)
+    seen = []
+    detector, *rest = small_analyzer._models
+
+    class Spy:  # records the size of what the HOG detector is given
+        def run(self, img, *args):
+            seen.append(img.shape)
+            return detector.run(img, *args)
+    small_analyzer._models = (Spy(), *rest)
+    faces = small_analyzer.analyze(big)
+    assert seen == [(640, 512, 3)]
+    assert len(faces) == 1
+    ref = load_analyzer("dlib").analyze(photos["obama"])[0]
+    # boxes and keypoints come back in full-resolution pixels (4x the original photo's; HOG boxes are coarse)
+    width = float(ref.bbox[2] - ref.bbox[0]) * 4
+    np.testing.assert_allclose(faces[0].bbox, ref.bbox * 4, atol=0.15 * width)
+    np.testing.assert_allclose(faces[0].kps, ref.kps * 4, atol=0.05 * width)
+    assert float(faces[0].embedding @ embeddings["obama"]) > DLIB_SAME_PERSON_COSINE
+
+
+def test_analyzers_pickle_as_their_settings():
+    import pickle
+
+    from idglow_core.faces.dlib_backend import DlibAnalyzer
+
+    a = pickle.loads(pickle.dumps(DlibAnalyzer(det_thresh=0.2, upsample=0, detect_max_side=900)))
+    assert (a.det_thresh, a.upsample, a.detect_max_side) == (0.2, 0, 900)

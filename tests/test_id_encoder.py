@@ -74,3 +74,16 @@ def test_encoder_is_trainable(enc):
     tokens, _ = enc(emb, mask)
     tokens.pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+
+
+def test_check_finite_names_the_bad_entries():
+    from idglow_core.id_encoder import check_finite
+
+    check_finite(torch.ones(2, 3), "Face embeddings", "fix")
+    check_finite(1.0, "weight", "fix")
+    e = torch.ones(2, 3)
+    e[1, 2] = float("nan")
+    with pytest.raises(InputError, match=r"Face embeddings contain non-finite values \(NaN or inf\) at \[\[1, 2\]\]. fix"):
+        check_finite(e, "Face embeddings", "fix")
+    with pytest.raises(InputError, match=r"at \[\[1\]\]"):
+        check_finite([1.0, float("inf")], "id_weights", "fix")

@@ -36,3 +36,21 @@ def test_write_jsonl_atomic_round_trips(tmp_path):
     problems = []
     assert read_jsonl(tmp_path / "sub" / "o.jsonl", problems) == [(1, {"a": 1}), (2, {"b": [2]})]
     assert not problems and [p.name for p in (tmp_path / "sub").iterdir()] == ["o.jsonl"]
+
+
+def test_non_utf8_lines_are_problems_with_line_numbers_and_a_bom_is_fine(tmp_path):
+    (tmp_path / "m.jsonl").write_bytes('\ufeff{"a": 1}\n'.encode() + '{"b": "caf\u00e9"}\n'.encode("latin-1") +
+                                       b'{"c": 3}\n')
+    problems = []
+    assert read_jsonl(tmp_path / "m.jsonl", problems) == [(1, {"a": 1}), (3, {"c": 3})]
+    assert problems == ["line 2: not UTF-8 text (byte 0xe9 at column 11); save the file as UTF-8"]
+
+
+def test_file_problem_tells_a_folder_from_a_missing_file(tmp_path):
+    from idglow_core.jsonl import file_problem
+
+    (tmp_path / "f.png").write_bytes(b"x")
+    (tmp_path / "d.png").mkdir()
+    assert file_problem(tmp_path / "f.png") is None
+    assert file_problem(tmp_path / "d.png") == f"'{tmp_path / 'd.png'}' is a folder, not a file"
+    assert file_problem(tmp_path / "n.png") == f"file not found: {tmp_path / 'n.png'}"

@@ -222,3 +222,32 @@ def test_real_photos_through_the_dlib_backend(pipe, data_dir):
     assert 40 < x2 - x1 < 200 and 40 < y2 - y1 < 200   # a face-sized box on the 400 px photo
     off = ip(photos, GenerateConfig(task="group", weight=0.0, **FAST))
     assert not torch.equal(r.images, off.images)       # the detected identities reach the model
+
+
+def test_non_finite_or_misshapen_options_are_refused_before_any_model_loads(tmp_path, capsys):
+    from idglow_core.cli import main
+
+    for bad in (dict(weight=float("nan")), dict(true_cfg_scale=float("inf")), dict(id_weights=[1.0, float("nan")]),
+                dict(id_weights="0.5 1.0"), dict(face_indices="01")):
+        with pytest.raises(InputError):
+            GenerateConfig(**bad)
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--adapter", str(tmp_path / "a.safetensors"),
+                 "--refs", "a.png", "--out", str(tmp_path / "o.png"), "--weight", "nan"]) == 2
+    assert "weight=nan" in capsys.readouterr().err
+    np.save(tmp_path / "emb.npy", np.array([[0.1, np.nan]], np.float32))
+    assert main(["generate", "--model", str(tmp_path / "absent"), "--adapter", str(tmp_path / "a.safetensors"),
+                 "--refs", "a.png", "--out", str(tmp_path / "o.png"), "--embeddings", str(tmp_path / "emb.npy")]) == 2
+    assert "non-finite values (NaN or inf) at [[0, 1]]" in capsys.readouterr().err
+
+
+def test_nan_embeddings_and_a_single_reference_path_are_refused(pipe, refs, tmp_path):
+    ip = IdGlowPipeline(pipe, _trained(IdGlowAdapter.init_for(pipe.transformer)))
+    emb = random_embeddings(2).numpy()
+    emb[1, 3] = np.nan
+    with pytest.raises(InputError, match=r"Precomputed embeddings contain non-finite values .* at \[\[1, 3\]\]"):
+        ip(refs, GenerateConfig(**FAST), embeddings=emb)
+    Image.fromarray(refs[0]).save(tmp_path / "ref.png")
+    with pytest.raises(InputError, match="got a single path .*ref.png'. Wrap it in a list"):
+        ip(str(tmp_path / "ref.png"), GenerateConfig(**FAST), embeddings=emb[:1])
+    with pytest.raises(InputError, match=r"single image"):
+        ip(refs[0], GenerateConfig(**FAST))

@@ -67,7 +67,14 @@ def run(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
     embeddings = None
     if args.embeddings:
-        embeddings = np.load(args.embeddings, allow_pickle=False)
+        from ..id_encoder import check_finite
+
+        try:
+            embeddings = np.load(args.embeddings, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--embeddings {args.embeddings}: cannot read it as a .npy array ({exc}). Save the "
+                             f"[k, d] embeddings with numpy.save.") from None
+        check_finite(embeddings, f"--embeddings {args.embeddings}", "Recompute them; rows are references in order.")
     config = GenerateConfig(task=args.task, prompt=args.prompt, negative_prompt=args.negative_prompt,
                             weight=args.weight, id_weights=args.id_weights, schedule=args.schedule,
                             steps=args.steps, true_cfg_scale=args.cfg, height=args.height, width=args.width,

@@ -20,6 +20,12 @@ Backends (``analyzer.name``, ``analyzer.embedding_dim``):
 - ``"auto"``: insightface when a buffalo_l folder is given or found (``$IDGLOW_INSIGHTFACE_DIR``,
   ``~/.insightface/models/buffalo_l``), else dlib; the choice is logged.
 
+Large images: above ``base.DETECT_MAX_SIDE`` (2048 px) dlib detects on a downscaled copy and maps the boxes
+back; landmarks, alignment and embeddings always use the full-resolution image.
+
+Many files (``idglow_core.faces.batch.FileAnalyzer``): check or analyse each file once, in order, optionally in
+``workers`` spawned CPU processes (analyzers pickle as their settings).
+
 Alignment (``idglow_core.faces.align``): ``ARCFACE_DST``, ``estimate_similarity(kps, dst) -> [2, 3]``,
 ``estimate_similarity_torch(kps[N, 5, 2]) -> [N, 2, 3]`` (differentiable), ``norm_crop(img, kps, 112)``.
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import DependencyError, ModelNotFoundError
 from ..images import to_rgb_uint8
-from .base import Face, sort_left_to_right
+from .base import DETECT_MAX_SIDE, Face, downscale_for_detection, sort_left_to_right
 
 __all__ = ["DlibAnalyzer", "DLIB_SAME_PERSON_COSINE", "dlib_model_dir"]
 
@@ -80,16 +80,24 @@ def _arcface_points(shape) -> np.ndarray:
 
 class DlibAnalyzer:
     """:class:`FaceAnalyzer` on dlib. ``det_thresh`` is on the HOG score scale (0 keeps every detection;
-    real faces score about 0.3-3); ``upsample`` doubles the image that many times to find small faces."""
+    real faces score about 0.3-3); ``upsample`` doubles the image that many times to find small faces;
+    ``detect_max_side``: images with a longer side are downscaled to it for detection only (landmarks and
+    embeddings use full resolution). Pickles as its settings (worker processes reload the models)."""
 
     name = "dlib"
     embedding_dim = 128
 
-    def __init__(self, det_thresh: float = 0.0, upsample: int = 1, num_jitters: int = 0):
+    def __init__(self, det_thresh: float = 0.0, upsample: int = 1, num_jitters: int = 0,
+                 detect_max_side: int = DETECT_MAX_SIDE):
         self.det_thresh = float(det_thresh)
         self.upsample = int(upsample)
         self.num_jitters = int(num_jitters)
+        self.detect_max_side = int(detect_max_side)
+        self._dlib = _import_dlib()
         self._models = _load_models()
+
+    def __reduce__(self):
+        return DlibAnalyzer, (self.det_thresh, self.upsample, self.num_jitters, self.detect_max_side)
 
     def __repr__(self) -> str:
         return f"DlibAnalyzer(det_thresh={self.det_thresh}, upsample={self.upsample})"
@@ -99,9 +107,13 @@ class DlibAnalyzer:
         Returns every face, left to right, with 128-d unit embeddings."""
         rgb = to_rgb_uint8(image)
         detector, sp68, sp5, rec = self._models
-        rects, scores, _ = detector.run(rgb, self.upsample, self.det_thresh)
+        small, scale = downscale_for_detection(rgb, self.detect_max_side)
+        rects, scores, _ = detector.run(small, self.upsample, self.det_thresh)
         faces = []
         for rect, score in zip(rects, scores):
+            if scale != 1.0:  # back to full-resolution pixels for the landmarks and the descriptor's chip
+                rect = self._dlib.rectangle(*(int(round(v / scale)) for v in
+                                              (rect.left(), rect.top(), rect.right(), rect.bottom())))
             desc = np.asarray(rec.compute_face_descriptor(rgb, sp5(rgb, rect), self.num_jitters),
                               dtype=np.float32)
             bbox = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float32)

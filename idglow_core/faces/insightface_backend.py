@@ -139,7 +139,8 @@ def _load_recognizer(path: str, mtime: float, providers: tuple[str, ...]):
 
 class InsightFaceAnalyzer:
     """:class:`FaceAnalyzer` on buffalo_l. ``det_size``: square detector input (the image is letterboxed
-    into it); ``det_thresh``: SCRFD score threshold in [0, 1]."""
+    into it, so detection already runs at a fixed working size; keypoints come back in full-resolution pixels
+    and the crop is taken from the full image); ``det_thresh``: SCRFD score threshold in [0, 1]."""
 
     name = "insightface"
 
@@ -157,6 +158,9 @@ class InsightFaceAnalyzer:
         self._det = _load_detector(det_path, os.path.getmtime(det_path), tuple(self.providers), self.det_thresh)
         self._rec = _load_recognizer(rec_path, os.path.getmtime(rec_path), tuple(self.providers))
         self.embedding_dim = int(self._rec.session.get_outputs()[0].shape[1])
+
+    def __reduce__(self):  # worker processes rebuild it from its settings (models are loaded per process)
+        return InsightFaceAnalyzer, (str(self.folder), self.providers, self.det_size, self.det_thresh)
 
     def __repr__(self) -> str:
         return (f"InsightFaceAnalyzer('{self.folder}', providers={self.providers}, det_size={self.det_size}, "

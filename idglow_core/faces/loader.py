@@ -6,7 +6,7 @@ import os
 from typing import Sequence
 
 from ..errors import InputError, ModelNotFoundError
-from ..images import load_image
+from ..images import as_image_list, load_image
 from .base import Face, FaceAnalyzer, pick_face
 from .insightface_backend import default_model_dirs, find_buffalo_dir
 
@@ -71,7 +71,7 @@ def reference_faces(analyzer: FaceAnalyzer, images: Sequence, indices: Sequence[
     images: k images, each ``[H, W, 3]`` uint8 RGB (or anything ``images.to_rgb_uint8`` accepts) or a file path.
     Raises :class:`NoFaceError` naming the reference ("reference image 2 of 3") that has no face.
     """
-    images = list(images)
+    images = as_image_list(images, "reference images")
     if not images:
         raise InputError("No reference images were given. Pass one portrait per person.")
     if indices is not None and len(indices) != len(images):
