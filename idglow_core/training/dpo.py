@@ -225,9 +225,11 @@ def find_init_weights(path: str | Path) -> InitWeights:
 
 def _load_lora(module: nn.Module, path: Path) -> None:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    from .export import read_lora_for_peft
+
+    lora = module.transformer.peft_config["default"]
+    state = read_lora_for_peft(path, lora.r, lora.lora_alpha)  # the export folds alpha / rank into lora_B
     try:
         result = set_peft_model_state_dict(module.transformer, state, adapter_name="default")
     except RuntimeError as exc:  # size mismatch: another rank
