@@ -284,6 +284,7 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     ``<output_dir>/final`` (same files as SFT). ``analyzer``: face analyzer for the references (tests)."""
     from ..faces import load_analyzer
     from .dpo_data import collate_pairs, encode_pairs, read_pair_manifest
+    from .encode import free_text_encoder
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -297,8 +298,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
                                resolution=tc.data.resolution)
     pipe = build_pipeline(tc)
     pipe.to(acc.device)
-    encoded = encode_pairs(tc, pipe, pairs)
-    pipe.text_encoder = None
+    encoded = encode_pairs(tc, pipe, pairs, accelerator=acc)  # on disk, loaded lazily
+    free_text_encoder(pipe)
     init = find_init_weights(cfg.dpo.init_from) if cfg.dpo.init_from else InitWeights()
     build_cfg = tc if init.adapter is None else dataclasses.replace(
         tc, model=dataclasses.replace(tc.model, init_adapter=str(init.adapter)))

@@ -155,7 +155,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     analyzer for references), ``detector`` (keypoints on decoded images), ``arcface`` (ID-loss encoder)."""
     from ..faces import load_analyzer
     from .data import read_manifest
-    from .encode import collate, encode_samples
+    from .encode import collate, encode_samples, free_text_encoder
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -166,8 +166,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     identity = build_identity_loss(cfg, analyzer, detector, arcface)
     pipe = build_pipeline(cfg)
     pipe.to(acc.device)
-    encoded = encode_samples(cfg, pipe, samples, identity)
-    pipe.text_encoder = None  # no longer needed: prompts are encoded
+    encoded = encode_samples(cfg, pipe, samples, identity, accelerator=acc)  # on disk, loaded lazily
+    free_text_encoder(pipe)  # prompts are encoded: give its memory back before training
     if identity is not None:
         identity.arcface.to(acc.device)
     set_seed(cfg.run.seed)  # same adapter / LoRA initialisation on every rank and in every rerun
