@@ -100,6 +100,22 @@ def test_ranks_split_the_encoding_and_read_each_others_files(pipe, tmp_path):
     assert ranks[1].lines == [2, 4]
 
 
+def test_a_cache_folder_other_ranks_cannot_see_is_refused(pipe, tmp_path):
+    """Rank 0 of 2 with a node-local folder: rank 1's samples never appear there, which must fail loudly at
+    once, not when a step first needs one."""
+    from idglow_core.errors import ConfigError
+    from idglow_core.training.encode import shard_needs_encoding
+
+    samples = _samples(tmp_path, 3)
+    encoder = SampleEncoder(pipe, None, 32, cache_dir=tmp_path / "local", areas=AREAS)
+    assert shard_needs_encoding(samples, encoder.is_cached, FakeAccelerator(0, 2))
+    with pytest.raises(ConfigError, match="every node shares"):
+        encode_sharded(samples, encoder.ensure, FakeAccelerator(0, 2), encoder.is_cached)
+    assert not shard_needs_encoding(samples, encoder.is_cached, FakeAccelerator(0, 2))  # its share is there
+    assert shard_needs_encoding(samples, encoder.is_cached, FakeAccelerator(1, 2))      # rank 1's is not
+    encode_sharded(samples, encoder.ensure, None, encoder.is_cached)  # one process sees everything
+
+
 def test_a_failing_rank_makes_every_rank_raise(pipe, tmp_path):
     from idglow_core.errors import ConfigError, ImageReadError
 
@@ -133,9 +149,10 @@ def test_sft_trains_without_the_text_encoder_on_lazy_encodings(tmp_path, monkeyp
     seen = {}
     build = models.build_pipeline
 
-    def recording_build(cfg):
-        p = build(cfg)
-        seen["te"] = weakref.ref(p.text_encoder)
+    def recording_build(cfg, text_encoder=True):
+        p = build(cfg, text_encoder=text_encoder)
+        seen["loaded_te"] = p.text_encoder is not None
+        seen["te"] = weakref.ref(p.text_encoder) if p.text_encoder is not None else lambda: None
         return p
 
     def fake_loop(cfg, parts, resume_from=None, accelerator=None):
@@ -148,6 +165,10 @@ def test_sft_trains_without_the_text_encoder_on_lazy_encodings(tmp_path, monkeyp
     cfg = load_config("train/configs/tiny_cpu.yaml", [f"run.output_dir={tmp_path / 'run'}", "data.synthetic=2",
                                                       "run.tensorboard=false", "run.validate_every=0"])
     sft.run_sft(cfg, analyzer=OneFaceAnalyzer())
-    assert seen["te_alive"] is False
-    assert isinstance(seen["samples"], LazyEncodings) and len(seen["samples"]) == 2
+    assert seen["loaded_te"] and seen["te_alive"] is False
+    first = seen["samples"]
+    assert isinstance(first, LazyEncodings) and len(first) == 2
     assert len(list((tmp_path / "run" / "cache").glob("*.safetensors"))) == 2  # default cache: <output>/cache
+    cfg.run.overwrite = True  # a rerun: every prompt is cached, so the text encoder is never loaded
+    sft.run_sft(cfg, analyzer=OneFaceAnalyzer())
+    assert seen["loaded_te"] is False and torch.equal(seen["samples"][1]["prompt_embeds"], first[1]["prompt_embeds"])

@@ -114,7 +114,7 @@ def test_dpo_start_reads_the_exported_lora_back_to_the_trained_weights(lora_expo
 
 # ------------------------------------------------------------------------------------------- real ComfyUI
 @pytest.fixture(scope="module")
-def comfy():
+def comfy_env():
     import comfy_helpers as ch
 
     return ch.boot_comfy()
@@ -157,7 +157,7 @@ def _comfy_out(patcher, x, ref, ctx, t) -> torch.Tensor:
     return patcher.model.diffusion_model(x, t, ctx, ref_latents=[ref])
 
 
-def test_comfyui_lora_loader_reproduces_the_trained_output(comfy, lora_export):
+def test_comfyui_lora_loader_reproduces_the_trained_output(comfy_env, lora_export):
     """LoraLoaderModelOnly's code path (comfy.sd.load_lora_for_models with strength 1) on the base DiT gives
     the trained LoRA's output; ComfyUI reads no alpha key as scale 1, which the folded scale accounts for."""
     import comfy.sd
@@ -175,14 +175,18 @@ def test_comfyui_lora_loader_reproduces_the_trained_output(comfy, lora_export):
     lora = comfy.utils.load_torch_file(str(path))
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)
     assert len(patched.patches) == len(lora) // 2  # every A/B pair became a weight patch
-    patched.patch_model()
-    try:
-        got = _comfy_out(patched, x, ref, ctx, t)
-    finally:
-        patched.unpatch_model()
+    comfy_env["folder_paths"].add_model_folder_path("loras", str(path.parent))  # the node itself, by file name
+    node_model = comfy_env["nodes"].NODE_CLASS_MAPPINGS["LoraLoaderModelOnly"]().load_lora_model_only(
+        patcher, path.name, 1.0)[0]
     want = _diffusers_out(module.transformer, x, ref, ctx, t)
     assert (want - plain).abs().max() > 1e-2
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    for model in (patched, node_model):
+        model.patch_model()
+        try:
+            got = _comfy_out(model, x, ref, ctx, t)
+        finally:
+            model.unpatch_model()
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +237,7 @@ def test_convert_command_writes_the_same_file(full_run, tmp_path):
     assert bad.returncode == 2 and "not a diffusers transformer folder" in bad.stderr
 
 
-def test_comfyui_loads_the_full_finetune_with_the_diffusers_output(comfy, full_run):
+def test_comfyui_loads_the_full_finetune_with_the_diffusers_output(comfy_env, full_run):
     """The exported bf16 file, read by ComfyUI's loading code, predicts what the diffusers host predicts with
     the same (bf16-rounded) weights, references included (2511's t = 0 modulation of reference tokens)."""
     import comfy.utils
@@ -255,3 +259,32 @@ def test_comfyui_loads_the_full_finetune_with_the_diffusers_output(comfy, full_r
     base = _diffusers_out(tiny_edit_pipeline(text_encoder=False).transformer, x, ref, ctx, t)
     assert (want - base).abs().max() > 1e-3  # the fine-tune changed the DiT
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_unetloader_loads_a_full_width_export_by_file_name(comfy_env, tmp_path):
+    """UNETLoader itself (it builds the DiT at the real widths, 3072 / 3584): a 0-block 2511 DiT at those widths
+    exported by save_comfyui_dit into models/diffusion_models is detected and loaded, and predicts what the
+    diffusers host predicts with the same bf16-rounded weights."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from idglow_core.training.comfy_export import save_comfyui_dit
+
+    torch.manual_seed(0)
+    host = QwenImageTransformer2DModel(num_layers=0, zero_cond_t=True).eval()  # the 2511 config, no blocks
+    folder = tmp_path / "diffusion_models"
+    save_comfyui_dit(host.state_dict(), dict(host.config), folder / "idglow_dit.safetensors")
+    comfy_env["folder_paths"].add_model_folder_path("diffusion_models", str(folder))
+    model = comfy_env["nodes"].NODE_CLASS_MAPPINGS["UNETLoader"]().load_unet("idglow_dit.safetensors", "default")[0]
+    dit = model.model.diffusion_model
+    assert dit.default_ref_method == "index_timestep_zero" and len(dit.transformer_blocks) == 0
+    with torch.no_grad():
+        for p_ in host.parameters():
+            p_.copy_(p_.to(torch.bfloat16).float())
+    gen = torch.Generator().manual_seed(2)
+    x, ref = torch.randn(1, 16, 1, 4, 4, generator=gen), torch.randn(1, 16, 1, 4, 4, generator=gen)
+    ctx, t = torch.randn(1, 5, 3584, generator=gen), torch.tensor([0.6])
+    want = _diffusers_out(host, x, ref, ctx, t)
+    with torch.no_grad():
+        got = dit(x.to(dit.dtype), t.to(dit.dtype), ctx.to(dit.dtype), ref_latents=[ref.to(dit.dtype)]).float()
+    tol = 1e-4 if dit.dtype == torch.float32 else 5e-2
+    assert torch.allclose(got, want, atol=tol), ((got - want).abs().max(), dit.dtype)

@@ -33,6 +33,7 @@ ZERO_COND_MARKER = "__index_timestep_zero__"  # ComfyUI 0.8's key for Qwen-Image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def write_safetensors(path: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -122,8 +123,7 @@ def convert_transformer_folder(folder: str | os.PathLike, path: str | os.PathLik
         with safe_open(str(shard), framework="pt") as fh:
             for k in fh.keys():
                 sl = fh.get_slice(k)
-                torch_dtype = {v: k2 for k2, v in _ST_DTYPES.items()}[sl.get_dtype()]
-                shapes.append((k, tuple(sl.get_shape()), torch_dtype))
+                shapes.append((k, tuple(sl.get_shape()), _TORCH_DTYPES[sl.get_dtype()]))
                 where[k] = shard
     entries = _entries(shapes, config, target)
     handles: dict[Path, object] = {}

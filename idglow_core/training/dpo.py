@@ -283,8 +283,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     """Validate pairs, build models, load the SFT start, train with Eq. 7, checkpoint and export to
     ``<output_dir>/final`` (same files as SFT). ``analyzer``: face analyzer for the references (tests)."""
     from ..faces import load_analyzer
-    from .dpo_data import collate_pairs, encode_pairs, read_pair_manifest
-    from .encode import free_text_encoder
+    from .dpo_data import PairEncoder, collate_pairs, encode_pairs, read_pair_manifest
+    from .encode import free_text_encoder, sample_encoder, shard_needs_encoding
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -296,7 +296,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     analyzer = analyzer or load_analyzer(tc.model.face_backend, model_dir=tc.model.face_model_dir or None)
     pairs = read_pair_manifest(_pair_manifest(tc, acc), analyzer, max_ids=tc.model.max_ids,
                                resolution=tc.data.resolution)
-    pipe = build_pipeline(tc)
+    probe = PairEncoder(sample_encoder(tc, None, None), tc.data.resolution)  # full cache: no text encoder
+    pipe = build_pipeline(tc, text_encoder=shard_needs_encoding(pairs, probe.is_cached, acc))
     pipe.to(acc.device)
     encoded = encode_pairs(tc, pipe, pairs, accelerator=acc)  # on disk, loaded lazily
     free_text_encoder(pipe)

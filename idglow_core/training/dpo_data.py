@@ -140,11 +140,16 @@ class PairEncoder:
 
     def __init__(self, sample_encoder, resolution: int):
         self.samples, self.resolution = sample_encoder, resolution
+        self._paths: dict[str, Path] = {}
 
     def _rejected_path(self, path: Path) -> Path | None:
         cache = self.samples.cache_dir
-        key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
-        return cache / f"rejected-{key.hexdigest()[:32]}.safetensors" if cache else None
+        if cache is None:
+            return None
+        if str(path) not in self._paths:  # hash the file once per process
+            key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
+            self._paths[str(path)] = cache / f"rejected-{key.hexdigest()[:32]}.safetensors"
+        return self._paths[str(path)]
 
     def _encode_rejected(self, path: Path) -> dict[str, torch.Tensor]:
         return {"latents": self.samples.encode_image(fit_area(load_image(path), self.resolution * self.resolution))}
@@ -158,14 +163,18 @@ class PairEncoder:
         if file is not None and not file.is_file():
             write_cache_file(file, self._encode_rejected(pair.rejected))
 
+    def is_cached(self, pair: PairSample) -> bool:
+        file = self._rejected_path(pair.rejected)
+        return self.samples.is_cached(pair.as_sample()) and file is not None and file.is_file()
+
     def load(self, index: int, pair: PairSample) -> dict[str, torch.Tensor]:
         """Pair ``index`` read from the cache (encoded now without one)."""
-        from .encode import _as_stored, read_cache_file
+        from .encode import as_stored, read_cache_file
 
         out = self.samples.load(index, pair.as_sample())
         file = self._rejected_path(pair.rejected)
         rejected = read_cache_file(file) if file is not None and file.is_file() else \
-            _as_stored(self._encode_rejected(pair.rejected))
+            as_stored(self._encode_rejected(pair.rejected))
         out["latents_rejected"] = rejected["latents"]
         if out["latents_rejected"].shape != out["latents"].shape:
             raise ManifestError(f"line {pair.line}: chosen latents {tuple(out['latents'].shape)} and rejected "
@@ -184,7 +193,7 @@ def encode_pairs(cfg, pipe, pairs: Sequence[PairSample], accelerator=None):
     from .encode import LazyEncodings, encode_sharded, sample_encoder
 
     pair_encoder = PairEncoder(sample_encoder(cfg, pipe, None), cfg.data.resolution)
-    encode_sharded(pairs, pair_encoder.ensure, accelerator)
+    encode_sharded(pairs, pair_encoder.ensure, accelerator, pair_encoder.is_cached)
     return LazyEncodings(pairs, pair_encoder.load)
 
 

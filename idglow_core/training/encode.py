@@ -39,7 +39,7 @@ from .data import Sample, fit_area
 from .identity import IdentityLoss
 
 __all__ = ["SampleEncoder", "LazyEncodings", "collate", "pipeline_areas", "encode_samples", "encode_sharded",
-           "free_text_encoder", "write_cache_file", "read_cache_file", "CACHE_DTYPE"]
+           "free_text_encoder", "shard_needs_encoding", "write_cache_file", "read_cache_file", "as_stored", "CACHE_DTYPE"]
 
 log = logging.getLogger("idglow")
 CACHE_DTYPE = torch.bfloat16  # floating tensors on disk (the DiT computes in bf16 at real scale anyway)
@@ -64,7 +64,7 @@ def read_cache_file(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
 
 
-def _as_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def as_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What a round trip through a cache file gives (bf16-rounded floats), without the file."""
     return {k: v.to(CACHE_DTYPE).float() if v.is_floating_point() else v for k, v in tensors.items()}
 
@@ -87,6 +87,7 @@ class SampleEncoder:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.model_tag = model_tag
         self._ids: dict[int, dict[str, torch.Tensor]] = {}  # identity tensors per sample index (small)
+        self._paths: dict[tuple, Path] = {}  # cache file per (target, refs, prompt)
         self.encoded = 0  # samples this process ran through the VAE and the text encoder
 
     def _key(self, s: Sample) -> str:
@@ -134,7 +135,17 @@ class SampleEncoder:
         return out
 
     def cache_path(self, s: Sample) -> Path | None:
-        return self.cache_dir / f"{self._key(s)}.safetensors" if self.cache_dir else None
+        """``<cache_dir>/<hash>.safetensors`` of ``s`` (the hash reads its images once per process)."""
+        if self.cache_dir is None:
+            return None
+        ident = (str(s.target), tuple(map(str, s.refs)), s.prompt)
+        if ident not in self._paths:
+            self._paths[ident] = self.cache_dir / f"{self._key(s)}.safetensors"
+        return self._paths[ident]
+
+    def is_cached(self, s: Sample) -> bool:
+        path = self.cache_path(s)
+        return path is not None and path.is_file()
 
     def ensure(self, s: Sample) -> Path | None:
         """Encode ``s`` into its cache file unless the file exists; returns the file (None without a cache)."""
@@ -151,7 +162,7 @@ class SampleEncoder:
         if path is not None and path.is_file():
             enc = read_cache_file(path)
         else:
-            enc = _as_stored(self._encode(s))
+            enc = as_stored(self._encode(s))
             self.encoded += 1
         enc = {k: v for k, v in enc.items() if k not in ("id_embeds", "ref_face_embeds")}  # files of older versions
         if index not in self._ids:
@@ -206,10 +217,12 @@ class LazyEncodings(Sequence):
         return self.load(i, self.items[i])
 
 
-def encode_sharded(items: Sequence[Any], ensure: Callable[[Any], Any], accelerator=None) -> None:
+def encode_sharded(items: Sequence[Any], ensure: Callable[[Any], Any], accelerator=None,
+                   is_cached: Callable[[Any], bool] | None = None) -> None:
     """Run ``ensure(item)`` (encode into the cache unless there) for this rank's share of ``items``: rank r of
     w takes items r, r + w, ... Then all ranks wait for each other; if any rank failed, every rank raises
-    (the failing one its own error), so no rank waits forever for a crashed one."""
+    (the failing one its own error), so no rank waits forever for a crashed one. With ``is_cached``, every
+    rank then checks that it sees every item's files (the cache folder must be shared by all processes)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     error: BaseException | None = None
     try:
@@ -226,6 +239,18 @@ def encode_sharded(items: Sequence[Any], ensure: Callable[[Any], Any], accelerat
         raise error
     if failed:
         raise ConfigError("Encoding the training data failed on another process; its log has the error.")
+    missing = [i for i, item in enumerate(items) if is_cached is not None and not is_cached(item)]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(items)} encoded samples (e.g. index {missing[0]}) are not in the "
+                          f"cache folder on process {rank}: the other processes wrote them somewhere this one "
+                          f"cannot see. Point data.cache_dir at a folder every node shares.")
+
+
+def shard_needs_encoding(items: Sequence[Any], is_cached: Callable[[Any], bool], accelerator=None) -> bool:
+    """Whether this rank's share of ``items`` (see :func:`encode_sharded`) has anything not yet in the cache:
+    when not, the trainer need not load the text encoder at all."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    return not all(is_cached(items[i]) for i in range(rank, len(items), world))
 
 
 def free_text_encoder(pipe) -> None:
@@ -282,7 +307,7 @@ def encode_samples(cfg, pipe, samples: Sequence[Sample], identity: IdentityLoss 
     """Encode a run's samples into the disk cache, split across ranks, and return them as lazily loaded
     encodings (``cfg``: a TrainConfig)."""
     encoder = sample_encoder(cfg, pipe, identity)
-    encode_sharded(samples, encoder.ensure, accelerator)
+    encode_sharded(samples, encoder.ensure, accelerator, encoder.is_cached)
     log.info("encodings in %s: %d samples, %d encoded by this process", encoder.cache_dir, len(samples),
              encoder.encoded)
     return LazyEncodings(samples, encoder.load)

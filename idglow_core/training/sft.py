@@ -155,7 +155,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     analyzer for references), ``detector`` (keypoints on decoded images), ``arcface`` (ID-loss encoder)."""
     from ..faces import load_analyzer
     from .data import read_manifest
-    from .encode import collate, encode_samples, free_text_encoder
+    from .encode import collate, encode_samples, free_text_encoder, sample_encoder, shard_needs_encoding
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -164,7 +164,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     analyzer = analyzer or load_analyzer(cfg.model.face_backend, model_dir=cfg.model.face_model_dir or None)
     samples = read_manifest(_manifest(cfg, acc), analyzer, max_ids=cfg.model.max_ids)
     identity = build_identity_loss(cfg, analyzer, detector, arcface)
-    pipe = build_pipeline(cfg)
+    probe = sample_encoder(cfg, None, identity)  # a rerun on a full cache needs no text encoder
+    pipe = build_pipeline(cfg, text_encoder=shard_needs_encoding(samples, probe.is_cached, acc))
     pipe.to(acc.device)
     encoded = encode_samples(cfg, pipe, samples, identity, accelerator=acc)  # on disk, loaded lazily
     free_text_encoder(pipe)  # prompts are encoded: give its memory back before training
