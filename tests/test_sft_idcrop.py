@@ -210,7 +210,7 @@ def test_config_field_and_real_scale_config():
     with pytest.raises(ConfigError, match="id_crop_margin"):
         LossConfig(id_crop_margin=-1)
     cfg = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / "sft_qwen_edit_2511.yaml")
-    assert cfg.loss.id_decode == "crop" and cfg.loss.id_crop_margin >= 1
+    assert cfg.loss.id_decode == "full" and cfg.loss.id_crop_margin >= 1  # crop needs real-weight evidence
 
 
 def test_run_sft_wires_crop_mode(tmp_path):

@@ -10,7 +10,8 @@
 Modules: ``config`` (dataclasses + YAML + overrides), ``data`` (manifest validation, synthetic set),
 ``encode`` (latents / prompt embeddings, cache, collate), ``models`` (train modes, the train module),
 ``identity`` (Eq. 3 on decoded estimates), ``loop`` (accelerate loop shared by trainers), ``checkpoint``
-(atomic checkpoints, resume), ``export`` (adapter / LoRA / full weights), ``sft`` (the SFT step),
+(atomic checkpoints, resume), ``export`` (adapter / LoRA / full weights), ``comfy_export`` (the DiT as one
+ComfyUI file), ``crop_fidelity`` (what ``id_decode=crop`` costs in accuracy), ``sft`` (the SFT step),
 ``dpo`` / ``dpo_data`` (the DPO step, its reference pass and pair data).
 """
 from __future__ import annotations

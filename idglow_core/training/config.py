@@ -61,7 +61,7 @@ class DataConfig:
     ref_area: int = 0  # reference area for the VAE in pixels; 0 = the pipeline's 1024 * 1024
     condition_area: int = 0  # reference area for the VLM prompt encoder; 0 = the pipeline's 384 * 384
     synthetic_photos: list = field(default_factory=list)  # portraits for data.synthetic; [] = tests/data
-    cache_dir: str = ""  # where to cache text embeddings and latents ("" = no cache on disk)
+    cache_dir: str = ""  # encodings on disk (bf16 safetensors, loaded lazily); "" = <run.output_dir>/cache
     batch_size: int = 1  # per process; samples in a batch must share k and image sizes
 
     def __post_init__(self):

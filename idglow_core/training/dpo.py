@@ -227,9 +227,11 @@ def find_init_weights(path: str | Path) -> InitWeights:
 
 def _load_lora(module: nn.Module, path: Path) -> None:
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    from .export import read_lora_for_peft
+
+    lora = module.transformer.peft_config["default"]
+    state = read_lora_for_peft(path, lora.r, lora.lora_alpha)  # the export folds alpha / rank into lora_B
     try:
         result = set_peft_model_state_dict(module.transformer, state, adapter_name="default")
     except RuntimeError as exc:  # size mismatch: another rank
@@ -294,7 +296,8 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     """Validate pairs, build models, load the SFT start, train with Eq. 7, checkpoint and export to
     ``<output_dir>/final`` (same files as SFT). ``analyzer``: face analyzer for the references (tests)."""
     from ..faces import load_analyzer
-    from .dpo_data import collate_pairs, encode_pairs, read_pair_manifest
+    from .dpo_data import PairEncoder, collate_pairs, encode_pairs, read_pair_manifest
+    from .encode import free_text_encoder, sample_encoder, shard_needs_encoding
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -305,10 +308,11 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     analyzer = analyzer or load_analyzer(tc.model.face_backend, model_dir=tc.model.face_model_dir or None)
     pairs = read_pair_manifest(_pair_manifest(tc, acc), analyzer, max_ids=tc.model.max_ids,
                                resolution=tc.data.resolution)
-    pipe = build_pipeline(tc)
+    probe = PairEncoder(sample_encoder(tc, None, None), tc.data.resolution)  # full cache: no text encoder
+    pipe = build_pipeline(tc, text_encoder=shard_needs_encoding(pairs, probe.is_cached, acc))
     pipe.to(acc.device)
-    encoded = encode_pairs(tc, pipe, pairs)
-    pipe.text_encoder = None
+    encoded = encode_pairs(tc, pipe, pairs, accelerator=acc)  # on disk, loaded lazily
+    free_text_encoder(pipe)
     init = find_init_weights(cfg.dpo.init_from) if cfg.dpo.init_from else InitWeights()
     build_cfg = tc if init.adapter is None else dataclasses.replace(
         tc, model=dataclasses.replace(tc.model, init_adapter=str(init.adapter)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,7 +31,7 @@ from ..faces.base import Face, FaceAnalyzer
 from ..images import load_image
 from ..jsonl import resolve_path
 from .data import Sample, check_common_fields, check_references, fit_area, read_validated
-from .safety import read_cache_entry
+from .safety import cache_entry_ok
 
 __all__ = ["PairSample", "read_pair_manifest", "write_synthetic_pairs", "PairEncoder", "collate_pairs",
            "encode_pairs"]
@@ -138,47 +137,65 @@ def write_synthetic_pairs(folder: str | Path, n: int, photos: Sequence[str | Pat
 
 class PairEncoder:
     """Encodes pairs: the chosen side (with refs and prompt) through the shared SFT ``SampleEncoder``, the
-    rejected image through the same VAE path, each cached on disk when ``cache_dir`` is set."""
+    rejected image through the same VAE path, each in its own cache file (see ``encode.py``)."""
 
     def __init__(self, sample_encoder, resolution: int):
         self.samples, self.resolution = sample_encoder, resolution
+        self._paths: dict[str, Path] = {}
 
-    def _rejected(self, path: Path) -> torch.Tensor:
+    def _rejected_path(self, path: Path) -> Path | None:
         cache = self.samples.cache_dir
-        key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
-        file = cache / f"rejected-{key.hexdigest()[:32]}.safetensors" if cache else None
-        cached = read_cache_entry(file, ("latents",))  # None: missing or damaged (then encoded again)
-        if cached is not None:
-            return cached["latents"]
-        lat = self.samples.encode_image(fit_area(load_image(path), self.resolution * self.resolution))
-        if file is not None:
-            from safetensors.torch import save_file
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp")
-            save_file({"latents": lat.contiguous()}, str(tmp))
-            tmp.replace(file)
-        return lat
+        if cache is None:
+            return None
+        if str(path) not in self._paths:  # hash the file once per process
+            key = hashlib.sha256(path.read_bytes() + json.dumps([self.resolution, self.samples.model_tag]).encode())
+            self._paths[str(path)] = cache / f"rejected-{key.hexdigest()[:32]}.safetensors"
+        return self._paths[str(path)]
 
-    def __call__(self, index: int, pair: PairSample) -> dict[str, torch.Tensor]:
-        out = dict(self.samples(index, pair.as_sample()))
-        out["latents_rejected"] = self._rejected(pair.rejected)
+    def _encode_rejected(self, path: Path) -> dict[str, torch.Tensor]:
+        return {"latents": self.samples.encode_image(fit_area(load_image(path), self.resolution * self.resolution))}
+
+    def ensure(self, pair: PairSample) -> None:
+        """Encode the pair into the cache unless both files are there."""
+        from .encode import write_cache_file
+
+        self.samples.ensure(pair.as_sample())
+        file = self._rejected_path(pair.rejected)
+        if file is not None and not cache_entry_ok(file, ("latents",)):  # missing, or damaged: encoded again
+            write_cache_file(file, self._encode_rejected(pair.rejected))
+
+    def is_cached(self, pair: PairSample) -> bool:
+        file = self._rejected_path(pair.rejected)
+        return self.samples.is_cached(pair.as_sample()) and file is not None and file.is_file()
+
+    def load(self, index: int, pair: PairSample) -> dict[str, torch.Tensor]:
+        """Pair ``index`` read from the cache (encoded now without one)."""
+        from .encode import as_stored, read_cache_file
+
+        out = self.samples.load(index, pair.as_sample())
+        file = self._rejected_path(pair.rejected)
+        rejected = read_cache_file(file) if file is not None and file.is_file() else \
+            as_stored(self._encode_rejected(pair.rejected))
+        out["latents_rejected"] = rejected["latents"]
         if out["latents_rejected"].shape != out["latents"].shape:
             raise ManifestError(f"line {pair.line}: chosen latents {tuple(out['latents'].shape)} and rejected "
                                 f"latents {tuple(out['latents_rejected'].shape)} differ; give both images the "
                                 f"same aspect ratio.")
         return out
 
+    def __call__(self, index: int, pair: PairSample) -> dict[str, torch.Tensor]:
+        self.ensure(pair)
+        return self.load(index, pair)
 
-def encode_pairs(cfg, pipe, pairs: Sequence[PairSample]) -> list[dict[str, torch.Tensor]]:
-    """Encode every pair of a run (``cfg``: a TrainConfig); sizes and cache as for SFT."""
-    from .encode import SampleEncoder, pipeline_areas
 
-    default_cond, default_ref = pipeline_areas()
-    areas = (cfg.data.condition_area or default_cond, cfg.data.ref_area or default_ref)
-    encoder = SampleEncoder(pipe, None, cfg.data.resolution, cfg.data.cache_dir,
-                            model_tag=cfg.model.pretrained or f"tiny-{cfg.run.seed}", areas=areas)
-    pair_encoder = PairEncoder(encoder, cfg.data.resolution)
-    return [pair_encoder(i, p) for i, p in enumerate(pairs)]
+def encode_pairs(cfg, pipe, pairs: Sequence[PairSample], accelerator=None):
+    """Encode a run's pairs into the disk cache, split across ranks (``cfg``: a TrainConfig); returns them as
+    lazily loaded :class:`~idglow_core.training.encode.LazyEncodings`. Sizes and cache as for SFT."""
+    from .encode import LazyEncodings, encode_sharded, sample_encoder
+
+    pair_encoder = PairEncoder(sample_encoder(cfg, pipe, None), cfg.data.resolution)
+    encode_sharded(pairs, pair_encoder.ensure, accelerator, pair_encoder.is_cached)
+    return LazyEncodings(pairs, pair_encoder.load)
 
 
 def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, Any]:

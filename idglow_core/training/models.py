@@ -44,19 +44,21 @@ def lora_config(transformer: nn.Module, rank: int, alpha: int):
                       exclude_modules=unused_last_block_modules(transformer))
 
 
-def build_pipeline(cfg: TrainConfig):
-    """``QwenImageEditPlusPipeline`` from ``model.pretrained``, or a tiny random one (``model.tiny``)."""
+def build_pipeline(cfg: TrainConfig, text_encoder: bool = True):
+    """``QwenImageEditPlusPipeline`` from ``model.pretrained``, or a tiny random one (``model.tiny``).
+    ``text_encoder=False`` leaves the text encoder, tokenizer and processor out (every prompt is cached)."""
     if cfg.model.tiny:
         from ..testing import tiny_edit_pipeline
 
-        return tiny_edit_pipeline(text_encoder=True, seed=cfg.run.seed)
+        return tiny_edit_pipeline(text_encoder=text_encoder, seed=cfg.run.seed)
     from diffusers import QwenImageEditPlusPipeline
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.mixed_precision, torch.float32)
     if cfg.run.train == "full":
         dtype = torch.float32  # trained weights stay fp32 (autocast computes in bf16)
     try:
-        pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model.pretrained, torch_dtype=dtype)
+        skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None, "processor": None}
+        pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model.pretrained, torch_dtype=dtype, **skip)
     except (OSError, ValueError) as exc:
         from ..errors import ModelNotFoundError
         raise ModelNotFoundError(f"Cannot load Qwen-Image-Edit from '{cfg.model.pretrained}' ({exc}). Point "

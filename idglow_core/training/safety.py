@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ModelFormatError, ModelNotFoundError, TrainingDivergedError
 
-__all__ = ["NonFiniteGuard", "nonfinite_names", "refuse_nonfinite", "verify_weights_file", "read_cache_entry"]
+__all__ = ["NonFiniteGuard", "nonfinite_names", "refuse_nonfinite", "verify_weights_file", "cache_entry_ok"]
 
 log = logging.getLogger("idglow")
 
@@ -58,26 +58,23 @@ def verify_weights_file(path: str | Path, what: str) -> None:
                                f"comes from a diverged run. Start from an earlier checkpoint.")
 
 
-def read_cache_entry(path: Path | None, required: Iterable[str]) -> dict[str, torch.Tensor] | None:
-    """An encoding cache file's tensors, or None when it is missing or damaged (truncated, not safetensors,
-    lacking a ``required`` key, non-finite): the caller then encodes the sample again and rewrites the file."""
+def cache_entry_ok(path: Path | None, required: Iterable[str]) -> bool:
+    """Whether an encoding cache file exists and is whole (its safetensors header covers the file and names every
+    ``required`` key), checked from the header alone; a damaged file is reported, and the caller encodes again."""
     if path is None or not path.is_file():
-        return None
-    from safetensors.torch import load_file
+        return False
+    from safetensors import safe_open
 
     try:
-        enc = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            missing = sorted(set(required) - set(f.keys()))
     except Exception as exc:  # SafetensorError: truncated / empty / not safetensors
         log.warning("cache entry %s is damaged (%s: %s); encoding the sample again", path, type(exc).__name__,
                     str(exc)[:120])
-        return None
-    missing = sorted(set(required) - set(enc))
-    bad = nonfinite_names(enc)
-    if missing or bad:
-        log.warning("cache entry %s %s; encoding the sample again", path,
-                    f"lacks {missing}" if missing else f"holds NaN/inf in {bad[:3]}")
-        return None
-    return enc
+        return False
+    if missing:
+        log.warning("cache entry %s lacks %s; encoding the sample again", path, missing)
+    return not missing
 
 
 class NonFiniteGuard:

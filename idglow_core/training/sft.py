@@ -155,7 +155,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     analyzer for references), ``detector`` (keypoints on decoded images), ``arcface`` (ID-loss encoder)."""
     from ..faces import load_analyzer
     from .data import read_manifest
-    from .encode import collate, encode_samples
+    from .encode import collate, encode_samples, free_text_encoder, sample_encoder, shard_needs_encoding
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
@@ -164,10 +164,11 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     analyzer = analyzer or load_analyzer(cfg.model.face_backend, model_dir=cfg.model.face_model_dir or None)
     samples = read_manifest(_manifest(cfg, acc), analyzer, max_ids=cfg.model.max_ids)
     identity = build_identity_loss(cfg, analyzer, detector, arcface)
-    pipe = build_pipeline(cfg)
+    probe = sample_encoder(cfg, None, identity)  # a rerun on a full cache needs no text encoder
+    pipe = build_pipeline(cfg, text_encoder=shard_needs_encoding(samples, probe.is_cached, acc))
     pipe.to(acc.device)
-    encoded = encode_samples(cfg, pipe, samples, identity)
-    pipe.text_encoder = None  # no longer needed: prompts are encoded
+    encoded = encode_samples(cfg, pipe, samples, identity, accelerator=acc)  # on disk, loaded lazily
+    free_text_encoder(pipe)  # prompts are encoded: give its memory back before training
     if identity is not None:
         identity.arcface.to(acc.device)
     set_seed(cfg.run.seed)  # same adapter / LoRA initialisation on every rank and in every rerun
