@@ -28,6 +28,8 @@ Two hosts, one set of weights (``state_dict`` keys ``encoder.*`` and ``blocks.{i
 """
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import tempfile
@@ -40,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import IncompatibleAdapterError, InputError, ModelFormatError, ModelNotFoundError
+from .errors import DependencyError, IncompatibleAdapterError, InputError, ModelFormatError, ModelNotFoundError
 from .id_encoder import MultiIdEncoder, expand_id_weights
 from .schedules import Schedule
 
@@ -51,6 +53,11 @@ FORMAT = "idglow-adapter"
 FORMAT_VERSION = 1
 KWARG = "idglow"        # the key callers put in attention_kwargs
 _PRIVATE = "_idglow"    # what travels from the transformer pre-hook to the blocks
+TRAIN_INJECTION_KEY = "train_injection"  # metadata: JSON {task: schedule} the trainer injected with ("*" = any)
+# The first diffusers release whose QwenImageTransformer2DModel has zero_cond_t (Qwen-Image-Edit-2511) and passes
+# attention_kwargs to the blocks also under gradient checkpointing (0.36 drops them there: the adapter would add
+# exactly 0 and get 0 gradient). Keep in step with requirements.txt.
+MIN_DIFFUSERS = "0.37.0"
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,9 @@ class IdCondition:
 
     tokens: ``[B or 1, T, token_dim]``; mask: ``[B or 1, T]`` bool (True = real token) or None;
     weight: float or ``[B]``; schedule: Omega(t) applied to the call's timestep (sigma);
-    token_weights: ``[B or 1, T]`` per-token (per-identity) value weights or None.
+    token_weights: ``[B or 1, T]`` per-token (per-identity) value weights or None;
+    compute_always: compute the residual (then multiplied by its scale) even when every scale is 0, so that
+    every adapter parameter takes part in the graph (training under DDP); inference skips that work.
     """
 
     tokens: torch.Tensor
@@ -111,6 +120,7 @@ class IdCondition:
     weight: float | torch.Tensor = 1.0
     schedule: Schedule = field(default_factory=lambda: Schedule("constant"))
     token_weights: torch.Tensor | None = None
+    compute_always: bool = False
 
     def scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """``weight * Omega(sigma)`` for ``sigma [B]`` -> ``[B]`` float32."""
@@ -163,6 +173,8 @@ class IdGlowAdapter(nn.Module):
         self.encoder = MultiIdEncoder(config.id_dim, config.token_dim, config.tokens_per_id, config.max_ids)
         self.blocks = nn.ModuleList(IdCrossAttention(config.hidden_dim, config.inner_dim, config.head_dim,
                                                      config.token_dim) for _ in range(config.num_blocks))
+        # {task: schedule string} the trainer injected with ("*" = every task); None = unknown (not from a trainer)
+        self.trained_injection: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ construction and files
     @classmethod
@@ -234,7 +246,28 @@ class IdGlowAdapter(nn.Module):
                                    f"unexpected {unexpected[:5]}. The file is damaged or was edited.")
         if transformer is not None:
             adapter.check_fits(transformer)
+        adapter.trained_injection = _trained_injection(meta, path)
         return adapter.to(device=device, dtype=dtype)
+
+    def check_deployed_schedule(self, schedule: Schedule, task: str | None = None) -> bool:
+        """Warn (log) when ``schedule`` is not the injection schedule this adapter was trained with for ``task``
+        (any of its tasks when None). Returns True when it matches or nothing is known about the training."""
+        trained = self.trained_injection
+        if not trained:
+            return True
+        if task is not None:
+            want = trained.get(task, trained.get("*"))
+            candidates = [] if want is None else [want]
+        else:
+            candidates = list(trained.values())
+        if any(Schedule.parse(c).to_dict() == schedule.to_dict() for c in candidates):
+            return True
+        listed = ", ".join(f"{k}: {Schedule.parse(v).to_str()}" for k, v in trained.items())
+        log.warning("IdGlow: injecting with schedule %s%s, but this adapter was trained with %s. It then runs at "
+                    "another strength than it learnt at some t; use the trained schedule (leave the schedule "
+                    "input unconnected / schedule=None with the trained task), or retrain.", schedule.to_str(),
+                    f" for task '{task}'" if task else "", listed)
+        return False
 
     # ------------------------------------------------------------------ host-agnostic math
     def encode(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,9 +318,37 @@ class IdGlowAdapter(nn.Module):
 
     # ------------------------------------------------------------------ diffusers host
     def attach(self, transformer: nn.Module) -> "AttachedAdapter":
-        """Hook into a diffusers ``QwenImageTransformer2DModel``; returns the handle to detach with."""
+        """Hook into a diffusers ``QwenImageTransformer2DModel``; returns the handle to detach with.
+        Needs diffusers >= :data:`MIN_DIFFUSERS` (:class:`DependencyError` otherwise)."""
+        check_diffusers_version()
         self.check_fits(transformer)
         return AttachedAdapter(self, transformer)
+
+
+def _trained_injection(meta: dict[str, str], path: Path) -> dict[str, str] | None:
+    """The ``train_injection`` metadata of a trainer's adapter file. A trainer's file without it predates
+    schedule-aware training: it was trained at constant strength 1 for every task."""
+    raw = meta.get(TRAIN_INJECTION_KEY)
+    if raw is None:
+        return {"*": Schedule("constant").to_str()} if meta.get("trainer") else None
+    try:
+        data = json.loads(raw)
+        return {str(k): Schedule.parse(v).to_str() for k, v in dict(data).items()}
+    except (ValueError, TypeError) as exc:
+        raise ModelFormatError(f"{path}: metadata '{TRAIN_INJECTION_KEY}' is not a JSON mapping of task to "
+                               f"schedule ({exc}): {raw!r}. The file was edited or damaged.") from None
+
+
+def check_diffusers_version() -> None:
+    """Raise :class:`DependencyError` for a diffusers older than :data:`MIN_DIFFUSERS`."""
+    import diffusers
+    from packaging.version import Version
+
+    if Version(diffusers.__version__) < Version(MIN_DIFFUSERS):
+        raise DependencyError(f"diffusers {diffusers.__version__} is too old for the IdGlow adapter: before "
+                              f"{MIN_DIFFUSERS} the Qwen-Image DiT has no zero_cond_t (Qwen-Image-Edit-2511) and its "
+                              f"gradient-checkpointed blocks get no attention kwargs, so the adapter would add nothing. "
+                              f"Run: pip install -U 'diffusers>={MIN_DIFFUSERS}'.")
 
 
 def _transformer_shape(transformer: nn.Module) -> tuple[int, int]:
@@ -307,11 +368,41 @@ def _transformer_shape(transformer: nn.Module) -> tuple[int, int]:
 class _Call:
     """Per-forward state: rides inside the blocks' attention kwargs (checkpoint-safe)."""
 
-    __slots__ = ("cond", "scale", "n_target", "active")
+    __slots__ = ("cond", "scale", "n_target", "active", "consumed")
 
     def __init__(self, cond: IdCondition, scale: torch.Tensor, n_target: int | None):
         self.cond, self.scale, self.n_target = cond, scale, n_target
-        self.active = bool((scale != 0).any())  # one device sync per DiT call, not per block
+        # one device sync per DiT call, not per block; training computes the residual even at scale 0
+        self.active = cond.compute_always or bool((scale != 0).any())
+        self.consumed = 0  # blocks that received this call (the inert-adapter guard checks it)
+
+
+_SIGNATURES: dict[type, list[str]] = {}
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    """Names of ``module.forward``'s parameters in order (what a hook's positional ``args`` are)."""
+    names = _SIGNATURES.get(type(module))
+    if names is None:
+        names = _SIGNATURES[type(module)] = list(inspect.signature(module.forward).parameters)
+    return names
+
+
+def _get_arg(module: nn.Module, args: tuple, kwargs: dict, name: str) -> tuple[Any, int | None]:
+    """(value, position in ``args`` or None when keyword/absent) of ``module.forward``'s argument ``name``,
+    located by the forward's signature (diffusers calls blocks positionally under gradient checkpointing)."""
+    if name in kwargs:
+        return kwargs[name], None
+    names = _param_names(module)
+    pos = names.index(name) if name in names else len(args)
+    return (args[pos], pos) if pos < len(args) else (None, None)
+
+
+def _set_arg(args: tuple, kwargs: dict, name: str, pos: int | None, value: Any) -> tuple[tuple, dict]:
+    if pos is None:
+        kwargs[name] = value
+        return args, kwargs
+    return args[:pos] + (value,) + args[pos + 1:], kwargs
 
 
 class AttachedAdapter:
@@ -326,7 +417,9 @@ class AttachedAdapter:
                              "block), then attach the other one.")
         self.adapter, self.transformer = adapter, transformer
         self._pending: dict[int, _Call] = {}  # set by a block's pre-hook, consumed by its own forward hook
-        self._handles = [transformer.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
+        self._call: _Call | None = None       # this forward's condition, checked after the forward
+        self._handles = [transformer.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True),
+                         transformer.register_forward_hook(self._model_hook, with_kwargs=True)]
         for i, blk in enumerate(transformer.transformer_blocks):
             self._handles.append(blk.register_forward_pre_hook(self._block_pre_hook(i), with_kwargs=True))
             self._handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True))
@@ -334,7 +427,7 @@ class AttachedAdapter:
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._pending = [], {}
+        self._handles, self._pending, self._call = [], {}, None
 
     def __enter__(self) -> "AttachedAdapter":
         return self
@@ -343,7 +436,8 @@ class AttachedAdapter:
         self.detach()
 
     def _model_pre_hook(self, module, args, kwargs):
-        ak = kwargs.get("attention_kwargs", args[6] if len(args) > 6 else None)
+        self._call = None
+        ak, pos = _get_arg(module, args, kwargs, "attention_kwargs")
         if not ak or KWARG not in ak:
             return None
         ak = dict(ak)
@@ -351,31 +445,35 @@ class AttachedAdapter:
         if not isinstance(cond, IdCondition):
             raise InputError(f"attention_kwargs['{KWARG}'] must be an IdCondition (adapter.condition(...)), "
                              f"got {type(cond).__name__}.")
-        sigma = kwargs.get("timestep", args[3] if len(args) > 3 else None)  # = flow time t in [0, 1]
-        shapes = kwargs.get("img_shapes", args[4] if len(args) > 4 else None)
+        sigma = _get_arg(module, args, kwargs, "timestep")[0]  # = flow time t in [0, 1]
+        shapes = _get_arg(module, args, kwargs, "img_shapes")[0]
         n_target = prod(shapes[0][0]) if shapes else None
         scale = cond.scale(sigma.reshape(-1))
-        ak[_PRIVATE] = _Call(cond, scale, n_target)
-        if len(args) > 6:
-            args = args[:6] + (ak,) + args[7:]
-        else:
-            kwargs["attention_kwargs"] = ak
-        return args, kwargs
+        ak[_PRIVATE] = self._call = _Call(cond, scale, n_target)
+        return _set_arg(args, kwargs, "attention_kwargs", pos, ak)
+
+    def _model_hook(self, module, args, kwargs, output):
+        call, self._call = self._call, None
+        if call is not None and call.consumed == 0:
+            import diffusers
+            raise IncompatibleAdapterError(
+                f"The DiT was given an IdGlow identity condition, but none of its {len(self.transformer.transformer_blocks)}"
+                f" blocks received it (diffusers {diffusers.__version__}"
+                f"{', gradient checkpointing on' if getattr(module, 'gradient_checkpointing', False) else ''}): the "
+                f"adapter would add nothing and get no gradient. Use diffusers >= {MIN_DIFFUSERS} "
+                f"(pip install -U 'diffusers>={MIN_DIFFUSERS}'), whose blocks get the attention kwargs in every path.")
+        return None
 
     def _block_pre_hook(self, index: int):
         def hook(module, args, kwargs):
             self._pending.pop(index, None)
-            in_kw = "joint_attention_kwargs" in kwargs  # keyword call; positional args[5] under checkpointing
-            jak = kwargs.get("joint_attention_kwargs") if in_kw else (args[5] if len(args) > 5 else None)
+            jak, pos = _get_arg(module, args, kwargs, "joint_attention_kwargs")
             if not jak or _PRIVATE not in jak:
                 return None
             jak = dict(jak)
-            self._pending[index] = jak.pop(_PRIVATE)
-            if in_kw:
-                kwargs["joint_attention_kwargs"] = jak
-            else:
-                args = args[:5] + (jak,) + args[6:]
-            return args, kwargs
+            call = self._pending[index] = jak.pop(_PRIVATE)
+            call.consumed += 1
+            return _set_arg(args, kwargs, "joint_attention_kwargs", pos, jak)
         return hook
 
     def _block_hook(self, index: int):
