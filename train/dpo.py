@@ -17,7 +17,8 @@ The reference policy is the policy DPO starts from (``--reference start``: a fro
 adapter + LoRA, no second DiT), or the base DiT with both switched off (``--reference base``); ``--train full``
 is refused. ``--alpha``, ``--margin``, ``--sft-weight`` are Eq. 7's alpha, m and lambda_SFT (1, 0, 0 = plain
 Diffusion-DPO); the margin enters as ``-log sigmoid(x - m)`` (``--set dpo.margin_form=printed`` for Eq. 7's
-typeset ``x + m``). ``--sequential`` runs chosen and rejected one after the other (same gradients, less memory). Any key: ``--set section.key=value`` (``--set dpo.beta=1000``).
+typeset ``x + m``). ``--sequential`` runs chosen and rejected one after the other (same gradients, less memory).
+Any key: ``--set section.key=value`` (``--set dpo.beta=1000``).
 Outputs in ``<output_dir>/final`` have the SFT trainer's format.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Modules: ``config`` (dataclasses + YAML + overrides), ``data`` (manifest validat
 ``encode`` (latents / prompt embeddings, cache, collate), ``models`` (train modes, the train module),
 ``identity`` (Eq. 3 on decoded estimates), ``loop`` (accelerate loop shared by trainers), ``checkpoint``
 (atomic checkpoints, resume), ``export`` (adapter / LoRA / full weights), ``sft`` (the SFT step),
-``dpo`` / ``dpo_data`` (the DPO step, its reference pass and pair data).
+``dpo`` / ``dpo_reference`` / ``dpo_data`` (the DPO step, its reference policy and pair data).
 """
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ from ..images import load_image
 from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..schedules import TASK_SCHEDULES
 
-__all__ = ["Sample", "TaskTagged", "with_tasks", "read_manifest", "read_validated", "check_references", "fit_area", "write_synthetic_manifest"]
+__all__ = ["Sample", "TaskTagged", "with_tasks", "read_manifest", "read_validated", "check_references", "fit_area",
+           "write_synthetic_manifest"]
 
 log = logging.getLogger("idglow")
 

@@ -22,7 +22,8 @@ copy, and a frozen second copy of a 20 B model is what this design avoids; run D
 
 Config: the SFT sections plus ``dpo:`` (:class:`DPOConfig`). From ``loss`` the timestep sampling
 (``timestep_scheme``, ``logit_mean/std``, ``timestep_shift``), ``task``, ``schedule`` and ``injection`` (the
-injection strength per sample) apply; ``id_weight`` is SFT-only. Checkpoints, resume, accelerate and the exported files are the SFT trainer's (``loop.run_loop``).
+injection strength per sample) apply; ``id_weight`` is SFT-only. Checkpoints, resume, accelerate and the
+exported files are the SFT trainer's (``loop.run_loop``).
 
 Starting point (``dpo.init_from``): an SFT output folder (``<run>/final`` or ``<run>``) holding
 ``idglow_adapter.safetensors`` and optionally ``pytorch_lora_weights.safetensors``, a checkpoint folder
@@ -270,7 +271,8 @@ def load_init_weights(module: nn.Module, init: InitWeights, train_mode: str) -> 
     if init.lora is not None:
         if train_mode != "lora":
             raise ConfigError(f"dpo.init_from has a LoRA ({init.lora}) but run.train={train_mode}: it would be "
-                              f"dropped. Use run.train=lora (the LoRA keeps training and is part of the start reference).")
+                              f"dropped. Use run.train=lora (the LoRA keeps training and is part of the start "
+                              f"reference).")
         _load_lora(module, init.lora)
     if init.trainable is not None:
         from safetensors.torch import load_file

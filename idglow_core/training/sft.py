@@ -188,7 +188,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
         from .validate import FaceSimValidator
         validator = FaceSimValidator(encoded[: cfg.run.validate_samples], with_tasks(collate), vae_decoder(pipe.vae),
                                      analyzer, steps=cfg.run.validate_steps, seed=cfg.run.seed,
-                                     out_dir=Path(cfg.run.output_dir) / "validation", injection=cfg.loss.injection_scale)
+                                     out_dir=Path(cfg.run.output_dir) / "validation",
+                                     injection=cfg.loss.injection_scale)
     parts = LoopParts(module=module, samples=encoded, collate=with_tasks(collate), step_fn=step,
                       export=lambda m, folder, state: export_weights(m, folder, cfg.run.train, meta, state),
                       validate=validator)
