@@ -141,8 +141,8 @@ class DPOStep:
     :func:`~idglow_core.training.dpo_data.collate_pairs` output (+ ``task``, one per pair).
 
     Joint mode runs the DiT on ``[z_w; z_l]`` (2B) with grad. ``dpo.sequential`` gives the same gradients
-    with the graph of B latents at a time: the reference pass (no_grad, 2B: nothing is kept), the chosen
-    forward with grad, a no_grad rejected forward; the sigmoid coefficients of Eq. 7 (dL/d err, exact) then
+    with the graph of B latents at a time: the reference passes (no_grad, B each), the chosen forward with
+    grad, a no_grad rejected forward; the sigmoid coefficients of Eq. 7 (dL/d err, exact) then
     weight a backward of the chosen errors, and the rejected side runs forward + backward alone. Cost: one
     extra forward on B latents over the joint mode (the brief's variant, a no_grad pass over both sides
     before two forward+backward passes, costs two).
@@ -189,12 +189,8 @@ class DPOStep:
         for z0 in (z_w, z_l):
             target = velocity_target(z0, eps)
             sides.append((target, (add_noise(z0, eps, t), t, *cond, inject)))
-        b = z_w.shape[0]
-        both = [torch.cat([x, y]) if torch.is_tensor(x) else [torch.cat(p) for p in zip(x, y)]
-                for x, y in zip(sides[0][1], sides[1][1])]
-        with torch.no_grad(), self._reference(module):  # no graph is kept: both latents in one pass cost little
-            ref = per_sample_mse(module(*both), torch.cat([sides[0][0], sides[1][0]]))
-        ref_w, ref_l = ref[:b], ref[b:]
+        with torch.no_grad(), self._reference(module):  # per side, shaped as the policy passes: at the start
+            ref_w, ref_l = (per_sample_mse(module(*args), target) for target, args in sides)  # both agree bitwise
         (target_w, args_w), (target_l, args_l) = sides
         err_w = per_sample_mse(module(*args_w), target_w)          # chosen, with grad (its graph is kept)
         with torch.no_grad():
