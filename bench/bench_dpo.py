@@ -106,8 +106,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else _peak_bytes(args.device)
-    times, saved = [], SavedBytes()
+    times, saved, rows = [], SavedBytes(), RowCounter(module.transformer)
     for i in range(args.reps + 3):
+        if i == 1:
+            rows.handle.remove()  # step 0 counted
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if i == 0 else _null():
             out = step(module, batch, torch.Generator().manual_seed(i))
@@ -124,7 +126,28 @@ def run_variant(args: argparse.Namespace) -> dict:
     return {"variant": args.variant, "median_step_ms": round(statistics.median(times[3:]) * 1e3, 2),
             "min_step_ms": round(min(times[3:]) * 1e3, 2), "peak_total_mb": round(peak / 2**20, 1),
             "peak_growth_mb": round((peak - base) / 2**20, 2),
-            "peak_saved_for_backward_mb": round(saved.peak / 2**20, 3)}
+            "peak_saved_for_backward_mb": round(saved.peak / 2**20, 3),
+            "dit_rows": {"with_grad": rows.grad, "no_grad": rows.no_grad},
+            "forward_units": rows.units(args.gradient_checkpointing)}
+
+
+class RowCounter:
+    """Latent rows the DiT runs forward with and without grad in one step: a load-independent time model
+    (a backward costs ~2 forwards, + 1 recompute under gradient checkpointing)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.grad = self.no_grad = 0
+        self.handle = transformer.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        rows = kwargs["hidden_states"].shape[0]
+        if torch.is_grad_enabled():
+            self.grad += rows
+        else:
+            self.no_grad += rows
+
+    def units(self, checkpointing: bool) -> float:
+        return self.no_grad + self.grad * (4 if checkpointing else 3)
 
 
 class _null:
@@ -147,16 +170,21 @@ def main() -> None:
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    keys = ("median_step_ms", "min_step_ms", "peak_total_mb", "peak_growth_mb", "peak_saved_for_backward_mb")
+    keys = ("median_step_ms", "min_step_ms", "forward_units", "peak_total_mb", "peak_growth_mb",
+            "peak_saved_for_backward_mb")
     ratios = {f"{v}_over_sft": {k: round(res[v][k] / max(res["sft"][k], 1e-9), 2) for k in keys}
               for v in ("dpo", "dpo_seq")}
     seq = ratios["dpo_seq_over_sft"]
     report = {"device": args.device, "torch": torch.__version__, "target_px": args.size, "reps": args.reps,
               "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing, "steps": res, **ratios,
               "goal": {"dpo": {"time": 2.5, "memory": 1.2}, "dpo_seq": {"time": 2.5, "memory": 1.1}},
-              "dpo_seq_meets_goal": {"time": seq["median_step_ms"] <= 2.5,
+              "dpo_seq_meets_goal": {"time_measured": seq["median_step_ms"] <= 2.5,
+                                     "time_forward_units": seq["forward_units"] <= 2.5,
                                      "memory_saved_for_backward": seq["peak_saved_for_backward_mb"] <= 1.1},
-              "note": "tiny random models (weights ~0.2 M params), so peak_total is the process/allocator baseline "
+              "note": "forward_units = DiT rows run without grad + 3x (4x with gradient checkpointing) those run with "
+                      "grad: the compute-bound time model, independent of machine load; measured CPU step times of "
+                      "the tiny model are dominated by per-call overhead and, on a shared machine, by noise. "
+                      "Tiny random models (weights ~0.2 M params), so peak_total is the process/allocator baseline "
                       "and peak_saved_for_backward is the activation cost that scales: joint DPO runs the DiT on "
                       "2 latents per pair with grad, sequential DPO on 1 at a time; the reference is a no-grad "
                       "pass with the starting weights swapped in (no second model copy)"}
