@@ -20,7 +20,7 @@ Two hosts, one set of weights (``state_dict`` keys ``encoder.*`` and ``blocks.{i
 * diffusers ``QwenImageTransformer2DModel``: ``handle = adapter.attach(transformer)``, then
   ``transformer(..., attention_kwargs={"idglow": adapter.condition(emb)})``. The condition travels inside
   the block inputs, so gradient checkpointing recomputes with the same values. ``handle.detach()`` removes
-  every hook.
+  every hook (``adapter_hooks.py``; needs diffusers >= 0.37.0, and a condition no block received raises).
 * any other host (ComfyUI's ``set_model_double_block_patch``): after block ``i`` call
   ``img[:, :n] += adapter.block_residual(i, img[:, :n], tokens, mask, scale)`` where ``n`` = number of target
   tokens (``ceil(H/2) * ceil(W/2)`` of the latent ``x``) and ``scale[B] = weight * Omega(sigma)`` with sigma
@@ -28,11 +28,11 @@ Two hosts, one set of weights (``state_dict`` keys ``encoder.*`` and ``blocks.{i
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapter_hooks import KWARG, MIN_DIFFUSERS, AttachedAdapter, check_diffusers_version  # noqa: F401
 from .errors import IncompatibleAdapterError, InputError, ModelFormatError, ModelNotFoundError
 from .id_encoder import MultiIdEncoder, check_finite, expand_id_weights
 from .schedules import Schedule
 
-__all__ = ["AdapterConfig", "IdCondition", "IdCrossAttention", "IdGlowAdapter", "AttachedAdapter", "count_parameters"]
+__all__ = ["AdapterConfig", "IdCondition", "IdCrossAttention", "IdGlowAdapter", "AttachedAdapter", "count_parameters",
+           "KWARG", "MIN_DIFFUSERS", "TRAIN_INJECTION_KEY", "check_diffusers_version"]
 
 log = logging.getLogger("idglow")
 FORMAT = "idglow-adapter"
 FORMAT_VERSION = 1
-KWARG = "idglow"        # the key callers put in attention_kwargs
-_PRIVATE = "_idglow"    # what travels from the transformer pre-hook to the blocks
+TRAIN_INJECTION_KEY = "train_injection"  # metadata: JSON {task: schedule} the trainer injected with ("*" = any)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,9 @@ class IdCondition:
 
     tokens: ``[B or 1, T, token_dim]``; mask: ``[B or 1, T]`` bool (True = real token) or None;
     weight: float or ``[B]``; schedule: Omega(t) applied to the call's timestep (sigma);
-    token_weights: ``[B or 1, T]`` per-token (per-identity) value weights or None.
+    token_weights: ``[B or 1, T]`` per-token (per-identity) value weights or None;
+    compute_always: compute the residual (then multiplied by its scale) even when every scale is 0, so that
+    every adapter parameter takes part in the graph (training under DDP); inference skips that work.
     """
 
     tokens: torch.Tensor
@@ -111,6 +114,7 @@ class IdCondition:
     weight: float | torch.Tensor = 1.0
     schedule: Schedule = field(default_factory=lambda: Schedule("constant"))
     token_weights: torch.Tensor | None = None
+    compute_always: bool = False
 
     def scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """``weight * Omega(sigma)`` for ``sigma [B]`` -> ``[B]`` float32."""
@@ -163,6 +167,8 @@ class IdGlowAdapter(nn.Module):
         self.encoder = MultiIdEncoder(config.id_dim, config.token_dim, config.tokens_per_id, config.max_ids)
         self.blocks = nn.ModuleList(IdCrossAttention(config.hidden_dim, config.inner_dim, config.head_dim,
                                                      config.token_dim) for _ in range(config.num_blocks))
+        # {task: schedule string} the trainer injected with ("*" = every task); None = unknown (not from a trainer)
+        self.trained_injection: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ construction and files
     @classmethod
@@ -238,7 +244,28 @@ class IdGlowAdapter(nn.Module):
                                    f"unexpected {unexpected[:5]}. The file is damaged or was edited.")
         if transformer is not None:
             adapter.check_fits(transformer)
+        adapter.trained_injection = _trained_injection(meta, path)
         return adapter.to(device=device, dtype=dtype)
+
+    def check_deployed_schedule(self, schedule: Schedule, task: str | None = None) -> bool:
+        """Warn (log) when ``schedule`` is not the injection schedule this adapter was trained with for ``task``
+        (any of its tasks when None). Returns True when it matches or nothing is known about the training."""
+        trained = self.trained_injection
+        if not trained:
+            return True
+        if task is not None:
+            want = trained.get(task, trained.get("*"))
+            candidates = [] if want is None else [want]
+        else:
+            candidates = list(trained.values())
+        if any(Schedule.parse(c).to_dict() == schedule.to_dict() for c in candidates):
+            return True
+        listed = ", ".join(f"{k}: {Schedule.parse(v).to_str()}" for k, v in trained.items())
+        log.warning("IdGlow: injecting with schedule %s%s, but this adapter was trained with %s. It then runs at "
+                    "another strength than it learnt at some t; use the trained schedule (leave the schedule "
+                    "input unconnected / schedule=None with the trained task), or retrain.", schedule.to_str(),
+                    f" for task '{task}'" if task else "", listed)
+        return False
 
     # ------------------------------------------------------------------ host-agnostic math
     def encode(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +323,9 @@ class IdGlowAdapter(nn.Module):
 
     # ------------------------------------------------------------------ diffusers host
     def attach(self, transformer: nn.Module) -> "AttachedAdapter":
-        """Hook into a diffusers ``QwenImageTransformer2DModel``; returns the handle to detach with."""
+        """Hook into a diffusers ``QwenImageTransformer2DModel``; returns the handle to detach with.
+        Needs diffusers >= :data:`MIN_DIFFUSERS` (:class:`DependencyError` otherwise)."""
+        check_diffusers_version()
         self.check_fits(transformer)
         return AttachedAdapter(self, transformer)
 
@@ -315,6 +344,20 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[
                                f"Use an earlier checkpoint or retrain with a lower learning rate.")
 
 
+def _trained_injection(meta: dict[str, str], path: Path) -> dict[str, str] | None:
+    """The ``train_injection`` metadata of a trainer's adapter file. A trainer's file without it predates
+    schedule-aware training: it was trained at constant strength 1 for every task."""
+    raw = meta.get(TRAIN_INJECTION_KEY)
+    if raw is None:
+        return {"*": Schedule("constant").to_str()} if meta.get("trainer") else None
+    try:
+        data = json.loads(raw)
+        return {str(k): Schedule.parse(v).to_str() for k, v in dict(data).items()}
+    except (ValueError, TypeError) as exc:
+        raise ModelFormatError(f"{path}: metadata '{TRAIN_INJECTION_KEY}' is not a JSON mapping of task to "
+                               f"schedule ({exc}): {raw!r}. The file was edited or damaged.") from None
+
+
 def _transformer_shape(transformer: nn.Module) -> tuple[int, int]:
     """(width, dual-stream blocks) of a diffusers or ComfyUI Qwen-Image DiT (both have ``inner_dim``)."""
     blocks = getattr(transformer, "transformer_blocks", None)
@@ -327,93 +370,6 @@ def _transformer_shape(transformer: nn.Module) -> tuple[int, int]:
                                        f"transformer_blocks / inner_dim). Pass pipe.transformer of a Qwen-Image(-Edit)"
                                        f" pipeline, or ComfyUI's model.diffusion_model.")
     return int(width), len(blocks)
-
-
-class _Call:
-    """Per-forward state: rides inside the blocks' attention kwargs (checkpoint-safe)."""
-
-    __slots__ = ("cond", "scale", "n_target", "active")
-
-    def __init__(self, cond: IdCondition, scale: torch.Tensor, n_target: int | None):
-        self.cond, self.scale, self.n_target = cond, scale, n_target
-        self.active = bool((scale != 0).any())  # one device sync per DiT call, not per block
-
-
-class AttachedAdapter:
-    """Hooks of one adapter on one transformer. Use as a context manager or call :meth:`detach`."""
-
-    def __init__(self, adapter: IdGlowAdapter, transformer: nn.Module):
-        hooks = transformer._forward_pre_hooks.values()
-        if any(isinstance(getattr(h, "__self__", None), AttachedAdapter) for h in hooks):
-            # the first adapter's pre-hook would take this one's condition and apply it with its own weights
-            raise InputError("This transformer already has an IdGlow adapter attached. Detach it first "
-                             "(handle.detach(), IdGlowTrainModule.detach_hooks(), or leave its `with attach(...)` "
-                             "block), then attach the other one.")
-        self.adapter, self.transformer = adapter, transformer
-        self._pending: dict[int, _Call] = {}  # set by a block's pre-hook, consumed by its own forward hook
-        self._handles = [transformer.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True)]
-        for i, blk in enumerate(transformer.transformer_blocks):
-            self._handles.append(blk.register_forward_pre_hook(self._block_pre_hook(i), with_kwargs=True))
-            self._handles.append(blk.register_forward_hook(self._block_hook(i), with_kwargs=True))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._pending = [], {}
-
-    def __enter__(self) -> "AttachedAdapter":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
-    def _model_pre_hook(self, module, args, kwargs):
-        ak = kwargs.get("attention_kwargs", args[6] if len(args) > 6 else None)
-        if not ak or KWARG not in ak:
-            return None
-        ak = dict(ak)
-        cond = ak.pop(KWARG)
-        if not isinstance(cond, IdCondition):
-            raise InputError(f"attention_kwargs['{KWARG}'] must be an IdCondition (adapter.condition(...)), "
-                             f"got {type(cond).__name__}.")
-        sigma = kwargs.get("timestep", args[3] if len(args) > 3 else None)  # = flow time t in [0, 1]
-        shapes = kwargs.get("img_shapes", args[4] if len(args) > 4 else None)
-        n_target = prod(shapes[0][0]) if shapes else None
-        scale = cond.scale(sigma.reshape(-1))
-        ak[_PRIVATE] = _Call(cond, scale, n_target)
-        if len(args) > 6:
-            args = args[:6] + (ak,) + args[7:]
-        else:
-            kwargs["attention_kwargs"] = ak
-        return args, kwargs
-
-    def _block_pre_hook(self, index: int):
-        def hook(module, args, kwargs):
-            self._pending.pop(index, None)
-            in_kw = "joint_attention_kwargs" in kwargs  # keyword call; positional args[5] under checkpointing
-            jak = kwargs.get("joint_attention_kwargs") if in_kw else (args[5] if len(args) > 5 else None)
-            if not jak or _PRIVATE not in jak:
-                return None
-            jak = dict(jak)
-            self._pending[index] = jak.pop(_PRIVATE)
-            if in_kw:
-                kwargs["joint_attention_kwargs"] = jak
-            else:
-                args = args[:5] + (jak,) + args[6:]
-            return args, kwargs
-        return hook
-
-    def _block_hook(self, index: int):
-        def hook(module, args, kwargs, output):
-            call = self._pending.pop(index, None)
-            if call is None or not call.active:
-                return output  # weight 0 / Omega(t) = 0: the block output is untouched
-            txt, img = output  # QwenImageTransformerBlock returns (text stream, image stream)
-            n = img.shape[1] if call.n_target is None else call.n_target
-            c = call.cond
-            res = self.adapter.block_residual(index, img[:, :n], c.tokens, c.mask, call.scale, c.token_weights)
-            return txt, torch.cat([img[:, :n] + res, img[:, n:]], dim=1)
-        return hook
 
 
 def count_parameters(config: AdapterConfig) -> int:

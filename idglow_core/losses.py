@@ -18,9 +18,15 @@ from .errors import ConfigError, InputError
 __all__ = [
     "TIMESTEP_SCHEMES", "sample_timesteps", "shift_timesteps", "add_noise", "velocity_target",
     "one_step_estimate", "per_sample_mse", "flow_loss", "sft_objective", "weighted_margin_dpo_loss",
+    "MARGIN_FORMS", "dpo_logit",
 ]
 
 TIMESTEP_SCHEMES = ("uniform", "logit_normal")
+# Eq. 7's margin m. "intent" (default): -log sigmoid(x - m), as SimPO's gamma: the loss only falls once the
+# weighted preference x exceeds m, so m enforces a gap. "printed": -log sigmoid(x + m), Eq. 7 as typeset, which
+# lowers the loss as m grows and weakens the push (at x = 0, m = 1: loss 0.3133, dL/dx = -0.2689, against
+# 1.3133 and -0.7311 for "intent"); kept only to reproduce the printed formula.
+MARGIN_FORMS = ("intent", "printed")
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +113,7 @@ def sft_objective(flow: torch.Tensor, omega: torch.Tensor, id_loss: torch.Tensor
 
 
 def _check_dpo_args(errs: tuple[torch.Tensor, ...], beta: float, alpha: float, margin: float,
-                    sft_weight: float) -> None:
+                    sft_weight: float, margin_form: str = "intent") -> None:
     shapes = {tuple(e.shape) for e in errs}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise InputError(f"DPO errors must all have the same shape [B], got {sorted(shapes)}. Reduce each "
@@ -115,12 +121,27 @@ def _check_dpo_args(errs: tuple[torch.Tensor, ...], beta: float, alpha: float, m
     if not (beta > 0 and alpha > 0 and margin >= 0 and sft_weight >= 0 and math.isfinite(beta)):
         raise ConfigError(f"DPO needs beta > 0, alpha > 0, margin >= 0, sft_weight >= 0 (Eq. 7); got beta={beta}, "
                           f"alpha={alpha}, margin={margin}, sft_weight={sft_weight}.")
+    if margin_form not in MARGIN_FORMS:
+        raise ConfigError(f"DPO margin_form must be one of {MARGIN_FORMS}, got '{margin_form}'. 'intent' is "
+                          f"-log sigmoid(x - m) (the margin enforces a gap), 'printed' Eq. 7 as typeset (x + m).")
+
+
+def dpo_logit(preference: torch.Tensor, margin: float, margin_form: str = "intent") -> torch.Tensor:
+    """The argument of Eq. 7's ``-log sigmoid``: ``x - m`` (``intent``, default) or ``x + m`` (``printed``),
+    with ``x = -beta/2 (alpha Delta_w - Delta_l)`` ``[B]``. See :data:`MARGIN_FORMS` for why."""
+    return preference - margin if margin_form == "intent" else preference + margin
 
 
 def weighted_margin_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
                              ref_err_l: torch.Tensor, *, beta: float, alpha: float = 1.0, margin: float = 0.0,
-                             sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                             sft_weight: float = 0.0,
+                             margin_form: str = "intent") -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted-margin Diffusion-DPO for flow matching (Eq. 6-7).
+
+        L = mean( -log sigmoid(x - m) ) + sft_weight * mean(||v_w - v*_w||^2),  x = -beta/2 (alpha Delta_w - Delta_l)
+
+    Deviation from the printed Eq. 7 (``x + m``): the margin is subtracted, as its stated purpose (a minimum gap
+    between chosen and rejected) and SimPO require; ``margin_form="printed"`` gives the typeset sign.
 
     Each ``*_err`` is the per-sample velocity error ``||v - v*||^2`` averaged over non-batch dims, ``[B]``;
     ``w`` = chosen, ``l`` = rejected, ``model`` = policy (with grad), ``ref`` = reference (no grad).
@@ -129,12 +150,12 @@ def weighted_margin_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tenso
     weighted preference ``-beta/2 (alpha Delta_w - Delta_l)`` is > 0). ``alpha=1, margin=0, sft_weight=0``
     is exactly Diffusion-DPO.
     """
-    _check_dpo_args((model_err_w, model_err_l, ref_err_w, ref_err_l), beta, alpha, margin, sft_weight)
+    _check_dpo_args((model_err_w, model_err_l, ref_err_w, ref_err_l), beta, alpha, margin, sft_weight, margin_form)
     m_w, m_l = _wide(model_err_w), _wide(model_err_l)
     r_w, r_l = _wide(ref_err_w).detach(), _wide(ref_err_l).detach()
     delta_w, delta_l = m_w - r_w, m_l - r_l  # Eq. 6
     preference = -0.5 * beta * (alpha * delta_w - delta_l)
-    loss = (-F.logsigmoid(preference + margin) + sft_weight * m_w).mean()  # Eq. 7
+    loss = (-F.logsigmoid(dpo_logit(preference, margin, margin_form)) + sft_weight * m_w).mean()  # Eq. 7 (x - m)
     with torch.no_grad():
         chosen, rejected = -0.5 * beta * delta_w, -0.5 * beta * delta_l
         metrics = {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),

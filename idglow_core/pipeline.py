@@ -237,6 +237,7 @@ class IdGlowPipeline:
             raise InputError(f"{len(cfg.id_weights)} id_weights for {k} references; give one weight per reference.")
         emb, faces = self.identities(refs, embeddings, cfg.face_indices)
         schedule = cfg.resolved_schedule()
+        self.adapter.check_deployed_schedule(schedule, cfg.task)  # warns when training injected otherwise
         p = next(self.adapter.parameters())
         cond = self.adapter.condition(emb[None].to(p.device, p.dtype), weight=cfg.weight, schedule=schedule,
                                       id_weights=cfg.id_weights)

@@ -93,6 +93,7 @@ def apply_idglow(model, adapter_patcher, ids, schedule, weight: float, id_weight
         raise InputError(f"{ids.count} identities were encoded but this adapter supports at most "
                          f"{adapter.config.max_ids}. Connect at most {adapter.config.max_ids} reference portraits.")
     sched = schedule if schedule is not None else adapter.default_schedule
+    adapter.check_deployed_schedule(sched)  # warns when the adapter was trained with another injection schedule
     param = next(adapter.parameters())
     with torch.no_grad():
         cond = adapter.condition(ids.embeddings[None].to(param.device, param.dtype), weight=float(weight),

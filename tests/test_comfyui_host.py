@@ -226,6 +226,24 @@ def test_sampling_loads_the_adapter_with_the_model_and_clones_share_it(env):
     assert any(m is patcher for m in mm.loaded_models())
 
 
+def test_apply_warns_when_the_schedule_differs_from_the_trained_injection(env, caplog):
+    """IdGlow Apply with the adapter's own (trained) schedule is silent; another schedule logs a warning."""
+    import logging
+
+    from idglow_core.schedules import Schedule
+    base = ch.build_tiny_qwen()
+    adapter = _adapter(hidden=64, blocks=2)
+    adapter.trained_injection = {"group": "anneal(tau=0.3)", "age": "gate(lo=0.3,hi=0.6)"}
+    model_nodes, ops = ch.pack_submodule("nodes.model_nodes"), ch.pack_submodule("nodes._ops")
+    ids = ops.IdentitySet(torch.nn.functional.normalize(torch.randn(1, 16), dim=-1), backend="test")
+    caplog.set_level(logging.WARNING, logger="idglow")
+    apply = env["nodes"].NODE_CLASS_MAPPINGS["IdGlowApply"]
+    apply.execute(base, model_nodes.wrap_adapter(adapter), ids, 1.0, Schedule.parse("gate"))
+    assert "trained with" not in caplog.text
+    apply.execute(base, model_nodes.wrap_adapter(adapter), ids, 1.0, Schedule("constant"))
+    assert "injecting with schedule" in caplog.text and "trained with" in caplog.text
+
+
 def test_identities_of_another_backend_are_refused_with_the_fix(env):
     """An adapter trained on 512-d ArcFace (insightface) given 128-d dlib identities: a typed error that names the
     backends, from IdGlow Apply; and FaceSim refuses identities of another analyzer."""

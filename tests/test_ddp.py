@@ -1,7 +1,10 @@
 """Two-process DDP on CPU (gloo): 2 SFT or DPO steps leave identical trainable weights on both ranks.
 
-For DPO this also shows that the reference pass (adapter and LoRA switched off, peft toggling requires_grad)
-runs inside DDP without breaking gradient synchronisation.
+For DPO this also shows that the reference pass (the start copy swapped in; or, with dpo.reference=base,
+adapter and LoRA switched off, peft toggling requires_grad) runs inside DDP without breaking gradient
+synchronisation; ``dpo_seq`` back-propagates in two parts per micro-step. ``sft_gate`` injects with a gate
+that is 0 for t < 0.5 (8 draws over 4 steps and 2 ranks): the residual is still computed there, so DDP
+(find_unused_parameters=False) sees every adapter parameter used.
 
 ``accelerate launch --cpu --num_processes 2`` silently starts one process, and ``--multi_gpu`` without
 ``ACCELERATE_USE_CPU=true`` starts two unsynchronised ones; this is the combination that gives real DDP on
@@ -28,12 +31,15 @@ def _worker(trainer: str, out: str) -> None:
     from safetensors.torch import save_file
 
     overrides = [f"run.output_dir={out}", *COMMON]
-    if trainer == "sft":
+    if trainer.startswith("sft"):
         from idglow_core.training import load_config, run_sft
-        result = run_sft(load_config(ROOT / "train" / "configs" / "tiny_cpu.yaml", overrides + ["loss.schedule=constant"]))
+        extra = ["loss.schedule=constant"] if trainer == "sft" else [
+            "optim.max_steps=4", "loss.id_weight=0", "loss.schedule=gate(lo=0.5,hi=1.0)"]
+        result = run_sft(load_config(ROOT / "train" / "configs" / "tiny_cpu.yaml", overrides + extra))
     else:
         from idglow_core.training.dpo import load_dpo_config, run_dpo
-        result = run_dpo(load_dpo_config(ROOT / "train" / "configs" / "dpo_tiny_cpu.yaml", overrides))
+        extra = {"dpo": [], "dpo_seq": ["dpo.sequential=true"], "dpo_base": ["dpo.reference=base"]}[trainer]
+        result = run_dpo(load_dpo_config(ROOT / "train" / "configs" / "dpo_tiny_cpu.yaml", overrides + extra))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     trained = {k: p.detach().clone().contiguous() for k, p in result.module.named_parameters() if p.requires_grad}
     save_file(trained, str(Path(out) / f"rank{rank}_of{world}.safetensors"))
@@ -41,7 +47,7 @@ def _worker(trainer: str, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+@pytest.mark.parametrize("trainer", ["sft", "sft_gate", "dpo", "dpo_seq", "dpo_base"])
 def test_two_process_ddp_keeps_ranks_identical(trainer, tmp_path):
     import torch
     from safetensors.torch import load_file

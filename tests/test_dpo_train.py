@@ -136,12 +136,26 @@ def test_init_from_sft_outputs_and_checkpoints(run3, tmp_path):
         find_init_weights(tmp_path / "nothing")
 
 
-def test_dpo_run_from_sft_output_starts_away_from_the_reference(tmp_path, cache_dir):
+def test_dpo_run_from_sft_output_starts_at_the_reference(tmp_path, cache_dir):
+    """dpo.reference=start (default): step 1 of a run from SFT weights is ln 2 with rewards 0, for alpha 2;
+    dpo.reference=base compares with the base DiT instead (the SFT weights show in Delta). The sequential
+    mode trains through the loop (two backward parts per micro-step) from the same start."""
     _sft_like_output(tmp_path / "sft" / "final")
-    cfg = _cfg(tmp_path / "run", cache_dir, f"dpo.init_from={tmp_path / 'sft'}", "optim.max_steps=1")
-    row = run_dpo(cfg, analyzer=StubAnalyzer()).history[0]
-    assert row["mse/chosen"] != pytest.approx(row["mse_ref/chosen"], abs=1e-6)  # SFT weights are active
-    assert row["rewards/chosen"] != 0.0 and DPO_KEYS <= set(row)
+    common = (f"dpo.init_from={tmp_path / 'sft'}", "optim.max_steps=1", "dpo.alpha=2")
+    row = run_dpo(_cfg(tmp_path / "run", cache_dir, *common), analyzer=StubAnalyzer()).history[0]
+    assert row["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6) and DPO_KEYS <= set(row)
+    assert row["rewards/chosen"] == 0.0 and row["rewards/rejected"] == 0.0
+    assert row["mse/chosen"] == row["mse_ref/chosen"] and 0.0 <= row["inject/scale"] <= 1.0
+    base = run_dpo(_cfg(tmp_path / "base", cache_dir, *common, "dpo.reference=base"),
+                   analyzer=StubAnalyzer()).history[0]
+    assert base["mse/chosen"] != pytest.approx(base["mse_ref/chosen"], abs=1e-6)  # SFT weights are active
+    assert base["rewards/chosen"] != 0.0
+    seq = run_dpo(_cfg(tmp_path / "seq", cache_dir, *common, "dpo.sequential=true", "optim.max_steps=2"),
+                  analyzer=StubAnalyzer())
+    assert seq.history[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert seq.history[1]["loss/dpo"] != pytest.approx(math.log(2), abs=1e-6)  # it trained
+    meta = json.loads((seq.final_dir / "outputs.json").read_text())
+    assert json.loads(meta["dpo"])["sequential"] is True and "group" in json.loads(meta["train_injection"])
 
 
 def test_config_rules():

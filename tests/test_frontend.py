@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import urllib.parse
-from pathlib import Path
 
 import pytest
 

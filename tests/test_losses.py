@@ -68,20 +68,40 @@ def _softplus(x: float) -> float:
     return math.log1p(math.exp(x))  # -logsigmoid(z) = log(1 + e^-z) = softplus(-z)
 
 
-@pytest.mark.parametrize("beta,alpha,margin,sft,expected", [
-    # z_i = -beta/2 (alpha dw_i - dl_i) + m ; loss = mean softplus(-z_i) + sft * mean(model_err_w)
-    (2.0, 1.0, 0.0, 0.0, (_softplus(0.2) + _softplus(-0.4)) / 2),               # z = [-0.2, 0.4]
-    (2.0, 2.0, 0.0, 0.0, (_softplus(0.3) + _softplus(-0.6)) / 2),               # z = [-0.3, 0.6]
-    (2.0, 1.0, 0.5, 0.0, (_softplus(-0.3) + _softplus(-0.9)) / 2),              # z = [0.3, 0.9]
-    (10.0, 0.5, 0.1, 0.3, (_softplus(0.65) + _softplus(-1.6)) / 2 + 0.3 * 0.35),  # z = [-0.75+0.1, 1.5+0.1]
+@pytest.mark.parametrize("beta,alpha,margin,sft,form,expected", [
+    # x_i = -beta/2 (alpha dw_i - dl_i); z_i = x_i - m ("intent", default) or x_i + m ("printed", Eq. 7 as typeset)
+    # loss = mean softplus(-z_i) + sft * mean(model_err_w)
+    (2.0, 1.0, 0.0, 0.0, "intent", (_softplus(0.2) + _softplus(-0.4)) / 2),                # z = [-0.2, 0.4]
+    (2.0, 2.0, 0.0, 0.0, "intent", (_softplus(0.3) + _softplus(-0.6)) / 2),                # z = [-0.3, 0.6]
+    (2.0, 1.0, 0.5, 0.0, "intent", (_softplus(0.7) + _softplus(0.1)) / 2),                 # z = [-0.7, -0.1]
+    (2.0, 1.0, 0.5, 0.0, "printed", (_softplus(-0.3) + _softplus(-0.9)) / 2),              # z = [0.3, 0.9]
+    (10.0, 0.5, 0.1, 0.3, "intent", (_softplus(0.85) + _softplus(-1.4)) / 2 + 0.3 * 0.35),  # z = [-0.75-0.1, 1.5-0.1]
+    (10.0, 0.5, 0.1, 0.3, "printed", (_softplus(0.65) + _softplus(-1.6)) / 2 + 0.3 * 0.35),  # z = [-0.75+0.1, 1.5+0.1]
 ])
-def test_weighted_margin_dpo_by_hand(beta, alpha, margin, sft, expected):
-    loss, metrics = weighted_margin_dpo_loss(**ERRS, beta=beta, alpha=alpha, margin=margin, sft_weight=sft)
+def test_weighted_margin_dpo_by_hand(beta, alpha, margin, sft, form, expected):
+    loss, metrics = weighted_margin_dpo_loss(**ERRS, beta=beta, alpha=alpha, margin=margin, sft_weight=sft,
+                                             margin_form=form)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert metrics["rewards/chosen"] == pytest.approx(-beta / 2 * (0.1 - 0.2) / 2)
     assert metrics["rewards/rejected"] == pytest.approx(-beta / 2 * (-0.1 + 0.2) / 2)
     assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"])
     assert metrics["implicit_acc"] == 0.5  # pair 2 preferred, pair 1 not, for every alpha here
+
+
+def test_margin_enforces_a_gap_only_in_the_intent_form():
+    """Policy == reference (x = 0), m = 1: the intent form keeps a loss of log(1 + e) = 1.3133 with slope
+    -sigmoid(1) = -0.7311 on x; the printed form already gives log(1 + 1/e) = 0.3133 with slope -0.2689."""
+    zero = torch.zeros(1, dtype=torch.float64)
+    for form, loss_hand, slope_hand in (("intent", 1.313262, -0.731059), ("printed", 0.313262, -0.268941)):
+        mw = zero.clone().requires_grad_(True)
+        loss, _ = weighted_margin_dpo_loss(mw, zero, zero, zero, beta=2.0, margin=1.0, margin_form=form)
+        loss.backward()  # dL/d(err_w) = dL/dx * dx/d(err_w) = slope * (-beta/2) = -slope at beta 2
+        assert loss.item() == pytest.approx(loss_hand, abs=1e-6)
+        assert mw.grad.item() == pytest.approx(-slope_hand, abs=1e-6)
+    grows = [weighted_margin_dpo_loss(zero, zero, zero, zero, beta=2.0, margin=m)[0].item() for m in (0, 0.5, 1)]
+    assert grows == sorted(grows) and grows[0] == pytest.approx(math.log(2))
+    with pytest.raises(ConfigError, match="margin_form"):
+        weighted_margin_dpo_loss(zero, zero, zero, zero, beta=2.0, margin_form="plus")
 
 
 def test_defaults_equal_literal_diffusion_dpo():
@@ -106,7 +126,7 @@ def test_dpo_gradients_analytic_and_gradcheck():
                                        margin=margin, sft_weight=lam)
     loss.backward()
     dw, dl = mw.detach() - 0.4, ml.detach() - 0.4
-    z = -beta / 2 * (alpha * dw - dl) + margin
+    z = -beta / 2 * (alpha * dw - dl) - margin  # the intent form (default)
     s = torch.sigmoid(-z)  # d/dz softplus(-z) = -sigmoid(-z)
     assert torch.allclose(mw.grad, (s * beta / 2 * alpha + lam) / 2)
     assert torch.allclose(ml.grad, -(s * beta / 2) / 2)

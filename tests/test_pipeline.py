@@ -142,6 +142,24 @@ def test_metadata_and_per_identity_weights(pipe, refs):
         ip(refs, GenerateConfig(**FAST))
 
 
+def test_deploying_another_schedule_than_trained_warns(pipe, refs, caplog):
+    """An adapter trained with the group anneal injection: the group preset is silent, another schedule or a
+    task it was not trained with logs a warning (it would run at another strength than it learnt)."""
+    import logging
+
+    adapter = _trained(IdGlowAdapter.init_for(pipe.transformer))
+    adapter.trained_injection = {"group": "anneal(tau=0.3)"}
+    ip = IdGlowPipeline(pipe, adapter)
+    caplog.set_level(logging.WARNING, logger="idglow")
+    ip(refs, GenerateConfig(task="group", **FAST), embeddings=random_embeddings(2))
+    assert "trained with" not in caplog.text
+    ip(refs, GenerateConfig(task="group", schedule="constant", **FAST), embeddings=random_embeddings(2))
+    assert "injecting with schedule" in caplog.text and "trained with group" in caplog.text
+    caplog.clear()
+    ip(refs, GenerateConfig(task="age", **FAST), embeddings=random_embeddings(2))
+    assert "for task 'age'" in caplog.text
+
+
 class FakeAnalyzer:
     """A face backend stand-in: one face per image, embedding from the image's mean colour."""
 

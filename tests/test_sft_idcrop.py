@@ -158,7 +158,7 @@ class Velocity(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.7))
 
-    def forward(self, z_t, t, refs, pe, pm, ids, id_mask):
+    def forward(self, z_t, t, refs, pe, pm, ids, id_mask, inject=None):
         return self.w * z_t
 
 

@@ -27,7 +27,8 @@ class Velocity(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.7))
 
-    def forward(self, z_t, t, refs, pe, pm, ids, id_mask):
+    def forward(self, z_t, t, refs, pe, pm, ids, id_mask, inject=None):
+        self.inject = inject
         return self.w * z_t
 
 
@@ -112,6 +113,6 @@ def test_missing_faces_count_one_per_reference_and_zero_weight_skips_decode():
 
 
 def test_age_task_uses_the_gate_window():
-    step = SFTStep(LossConfig(task="age", id_weight=1.0), decode, None)
-    assert step.omega(torch.tensor([0.2, 0.45, 0.7])).tolist() == [0.0, 1.0, 0.0]  # Eq. 5
-    assert SFTStep(LossConfig(task="group"), decode, None).omega(torch.tensor([0.3, 1.0])).tolist() == [0.0, 1.0]
+    age = LossConfig(task="age", id_weight=1.0)
+    assert age.omega_per_sample(None, torch.tensor([0.2, 0.45, 0.7])).tolist() == [0.0, 1.0, 0.0]  # Eq. 5
+    assert LossConfig(task="group").omega_per_sample(None, torch.tensor([0.3, 1.0])).tolist() == [0.0, 1.0]

@@ -13,9 +13,12 @@ Examples (from the repository root)::
     # continue a run exactly where its last checkpoint left off
     accelerate launch train/dpo.py --config runs/dpo/config.yaml --resume latest
 
-The reference policy is the same network with the IdGlow adapter and the LoRA switched off (no second model
-copy); ``--train full`` is refused. ``--alpha``, ``--margin``, ``--sft-weight`` are Eq. 7's alpha, m and
-lambda_SFT (1, 0, 0 = plain Diffusion-DPO). Any key: ``--set section.key=value`` (``--set dpo.beta=1000``).
+The reference policy is the policy DPO starts from (``--reference start``: a frozen copy of the starting
+adapter + LoRA, no second DiT), or the base DiT with both switched off (``--reference base``); ``--train full``
+is refused. ``--alpha``, ``--margin``, ``--sft-weight`` are Eq. 7's alpha, m and lambda_SFT (1, 0, 0 = plain
+Diffusion-DPO); the margin enters as ``-log sigmoid(x - m)`` (``--set dpo.margin_form=printed`` for Eq. 7's
+typeset ``x + m``). ``--sequential`` runs chosen and rejected one after the other (same gradients, less memory).
+Any key: ``--set section.key=value`` (``--set dpo.beta=1000``).
 Outputs in ``<output_dir>/final`` have the SFT trainer's format.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from idglow_core.training.cli import add_run_arguments, overrides_from_args, run
 
 # flag -> config key (beyond the run flags every trainer has); the flags are shortcuts for --set
 FLAGS = {"init_from": "dpo.init_from", "beta": "dpo.beta", "alpha": "dpo.alpha", "margin": "dpo.margin",
-         "sft_weight": "dpo.sft_weight"}
+         "sft_weight": "dpo.sft_weight", "reference": "dpo.reference", "sequential": "dpo.sequential"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="Eq. 7 asymmetric weight on the chosen pair (1 = symmetric)")
     p.add_argument("--margin", type=float, help="Eq. 7 additive margin m >= 0")
     p.add_argument("--sft-weight", type=float, help="Eq. 7 lambda_SFT >= 0")
+    p.add_argument("--reference", choices=["start", "base"], help="DPO reference: the starting policy or the base DiT")
+    p.add_argument("--sequential", action="store_const", const=True, default=None,
+                   help="chosen and rejected forward+backward one at a time (less memory, same gradients)")
     add_run_arguments(p, ["adapter", "lora"])
     return p
 

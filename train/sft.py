@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # `python train/sft.py`: make the repository root
 from idglow_core.training.cli import add_run_arguments, overrides_from_args, run_main  # noqa: E402
 
 # flag -> config key (beyond the run flags every trainer has); the flags are shortcuts for --set
-FLAGS = {"task": "loss.task", "schedule": "loss.schedule", "id_weight": "loss.id_weight"}
+FLAGS = {"task": "loss.task", "schedule": "loss.schedule", "id_weight": "loss.id_weight",
+         "injection": "loss.injection"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", help="YAML config (see train/configs/)")
     p.add_argument("--manifest", help="JSONL training manifest")
-    p.add_argument("--task", choices=["group", "age"], help="group: anneal schedule (Eq. 4); age: gate (Eq. 5)")
-    p.add_argument("--schedule", help="ID-loss schedule overriding the task's, e.g. constant, 'anneal(tau=0.2)'")
+    p.add_argument("--task", choices=["group", "age"], help="group: anneal schedule (Eq. 4); age: gate (Eq. 5). "
+                   "Synthetic data's task and the adapter's default; manifest lines keep their own task")
+    p.add_argument("--schedule", help="Omega overriding every task's (ID loss and injection), e.g. constant, "
+                   "'anneal(tau=0.2)'")
+    p.add_argument("--injection", choices=["schedule", "constant"],
+                   help="ID residual strength in training: Omega(t) as deployed (default) or 1 at every t")
     p.add_argument("--id-weight", type=float, help="lambda_base of Eq. 1 (0 = w/o ID loss)")
     add_run_arguments(p, ["adapter", "lora", "full"])
     return p

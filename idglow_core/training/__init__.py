@@ -12,7 +12,7 @@ Modules: ``config`` (dataclasses + YAML + overrides), ``data`` (manifest validat
 ``identity`` (Eq. 3 on decoded estimates), ``loop`` (accelerate loop shared by trainers), ``checkpoint``
 (atomic checkpoints, resume), ``export`` (adapter / LoRA / full weights), ``comfy_export`` (the DiT as one
 ComfyUI file), ``crop_fidelity`` (what ``id_decode=crop`` costs in accuracy), ``sft`` (the SFT step),
-``dpo`` / ``dpo_data`` (the DPO step, its reference pass and pair data).
+``dpo`` / ``dpo_reference`` / ``dpo_data`` (the DPO step, its reference policy and pair data).
 """
 from __future__ import annotations
 

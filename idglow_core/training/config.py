@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..errors import ConfigError
@@ -24,6 +25,7 @@ __all__ = ["ModelConfig", "DataConfig", "LossConfig", "OptimConfig", "RunConfig"
            "load_config", "apply_overrides", "config_to_dict", "config_from_dict", "TRAIN_MODES"]
 
 TRAIN_MODES = ("adapter", "lora", "full")
+INJECTIONS = ("schedule", "constant")  # loss.injection
 TASKS = tuple(TASK_SCHEDULES)  # Algorithm 1: the task picks Omega (Eq. 4 group fusion, Eq. 5 age)
 
 
@@ -76,10 +78,17 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """Eq. 1: flow loss + omega(t) * id_weight * L_ID; timestep sampling."""
+    """Eq. 1: flow loss + omega(t) * id_weight * L_ID; timestep sampling; the adapter's injection strength.
 
-    task: str = "group"  # group -> anneal(tau=0.3) (Eq. 4); age -> gate(lo=0.3,hi=0.6) (Eq. 5)
-    schedule: str = ""  # overrides the task's: "anneal(tau=0.2)", "gate", "constant", "none" (schedules.py)
+    Each sample uses the Omega of its own manifest ``task`` (``schedule`` overrides it for every sample), both
+    as its ID-loss weight and, with ``injection=schedule``, as the strength its ID residual is injected with
+    (``Omega(t) * residual``, as IdGlowPipeline and IdGlow Apply deploy it). ``injection=constant`` injects at
+    strength 1 at every t (what trainers did before; the adapter then runs weaker than trained at inference).
+    """
+
+    task: str = "group"  # synthetic data's task and the adapter's default schedule (manifest lines carry their own)
+    schedule: str = ""  # overrides the tasks': "anneal(tau=0.2)", "gate", "constant" (schedules.py)
+    injection: str = "schedule"  # schedule: inject Omega(t) * residual as deployed | constant: strength 1
     id_weight: float = 0.05  # lambda_base; 0 = the "w/o ID loss" ablation
     missing_face_value: float = 1.0  # L_ID per reference with no face in the estimate (facesim.id_loss)
     timestep_scheme: str = "uniform"  # uniform (Algorithm 1) | logit_normal
@@ -92,7 +101,29 @@ class LossConfig:
     @property
     def omega(self) -> Schedule:
         """The ID-loss schedule Omega(t): ``schedule`` if set, else the task's preset (Algorithm 1 l. 8-12)."""
-        return Schedule.parse(self.schedule) if self.schedule else TASK_SCHEDULES[self.task]
+        return self.omega_for(self.task)
+
+    def omega_for(self, task: str) -> Schedule:
+        """Omega(t) of a sample of ``task``: ``schedule`` if set, else that task's preset (Eq. 4 / Eq. 5)."""
+        return Schedule.parse(self.schedule) if self.schedule else TASK_SCHEDULES[task]
+
+    def injection_for(self, task: str) -> Schedule:
+        """The injection strength over t that a sample of ``task`` is trained with."""
+        return self.omega_for(task) if self.injection == "schedule" else Schedule("constant")
+
+    def omega_per_sample(self, tasks: list[str] | None, t: torch.Tensor) -> torch.Tensor:
+        """``[B]`` Omega_{task_i}(t_i) (float32). ``tasks`` None: every sample has ``task``."""
+        return _per_sample(self.omega_for, tasks or [self.task] * len(t), t)
+
+    def injection_scale(self, tasks: list[str] | None, t: torch.Tensor) -> torch.Tensor:
+        """``[B]`` injection strength of each sample at its t (float32): Omega_{task_i}(t_i), or 1."""
+        return _per_sample(self.injection_for, tasks or [self.task] * len(t), t)
+
+    def train_injection(self, tasks: list[str]) -> dict[str, str]:
+        """``{task: schedule}`` metadata for the adapter file (``"*"`` = every task, for ``constant``)."""
+        if self.injection == "constant":
+            return {"*": Schedule("constant").to_str()}
+        return {task: self.injection_for(task).to_str() for task in sorted(set(tasks) or {self.task})}
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -109,7 +140,12 @@ class LossConfig:
         if self.id_decode not in ("full", "crop") or self.id_crop_margin < 0:
             raise ConfigError(f"loss.id_decode must be 'full' or 'crop' (got '{self.id_decode}') and "
                               f"loss.id_crop_margin >= 0 latent cells (got {self.id_crop_margin}).")
+        if self.injection not in INJECTIONS:
+            raise ConfigError(f"loss.injection must be one of {INJECTIONS}, got '{self.injection}'.")
         _ = self.omega  # parse the schedule now (ConfigError on a bad name or parameter)
+        if self.injection == "schedule" and self.omega.name == "none":
+            raise ConfigError("loss.schedule=none with loss.injection=schedule injects nothing at any t: the adapter "
+                              "would never train. Use loss.id_weight=0 for the 'w/o ID loss' ablation instead.")
 
 
 @dataclass
@@ -189,6 +225,18 @@ class TrainConfig:
 
 _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
                   "run": RunConfig}
+
+
+def _per_sample(schedule_of, tasks: list[str], t: torch.Tensor) -> torch.Tensor:
+    if len(tasks) != len(t):
+        raise ConfigError(f"{len(tasks)} tasks for {len(t)} samples: the batch's 'task' list must have one entry "
+                          f"per sample.")
+    t = t.detach().float()
+    out = torch.empty_like(t)
+    for task in set(tasks):
+        idx = torch.tensor([i for i, k in enumerate(tasks) if k == task], device=t.device)
+        out[idx] = schedule_of(task)(t[idx]).float()
+    return out
 
 
 def coerce_value(where: str, kind: str, value: Any) -> Any:

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,7 +25,8 @@ from ..images import load_image
 from ..jsonl import raise_problems, read_jsonl, resolve_path
 from ..schedules import TASK_SCHEDULES
 
-__all__ = ["Sample", "read_manifest", "read_validated", "check_references", "fit_area", "write_synthetic_manifest"]
+__all__ = ["Sample", "TaskTagged", "with_tasks", "read_manifest", "read_validated", "check_references", "fit_area",
+           "write_synthetic_manifest"]
 
 log = logging.getLogger("idglow")
 
@@ -40,6 +41,33 @@ class Sample:
     prompt: str
     task: str
     ref_faces: list[Face] = field(default_factory=list)
+
+
+class TaskTagged(Sequence):
+    """Encoded samples with each one's manifest ``task``: item ``i`` is ``{**items[i], "task": tasks[i]}``,
+    built on access (``items`` may be a lazy sequence). Slices give lists."""
+
+    def __init__(self, items: Sequence[dict[str, Any]], tasks: Sequence[str]):
+        if len(items) != len(tasks):
+            raise ManifestError(f"{len(items)} encoded samples but {len(tasks)} tasks: encode every manifest line.")
+        self.items, self.tasks = items, list(tasks)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {**self.items[i], "task": self.tasks[i]}
+
+
+def with_tasks(collate: Callable[[list], dict[str, Any]]) -> Callable[[list], dict[str, Any]]:
+    """``collate`` plus ``batch["task"]``: the list of the items' tasks (each sample gets its own Omega)."""
+    def collate_with_tasks(items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(items)
+        batch["task"] = [it["task"] for it in items]
+        return batch
+    return collate_with_tasks
 
 
 def check_common_fields(item: dict, image_keys: tuple[str, ...]) -> list[str]:

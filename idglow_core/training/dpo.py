@@ -3,43 +3,45 @@
 Per micro-step, for pairs (chosen ``z_w``, rejected ``z_l``) with the same references and prompt::
 
     t, eps ~ one draw per pair, shared by chosen and rejected
-    v_ref  = network with the IdGlow adapter and the LoRA switched off   (no_grad; no second model copy)
+    v_ref  = the reference policy (no_grad): the starting adapter + LoRA (dpo.reference=start, default)
+             or the base DiT with both off (dpo.reference=base); see dpo_reference.py
     v      = network as trained                                          (with grad)
     Delta  = ||v - v*||^2 - ||v_ref - v*||^2,  v* = eps - z0             (Eq. 6)
-    L      = -log sigmoid(-beta/2 (alpha Delta_w - Delta_l) + m) + lambda_SFT ||v_w - v*_w||^2   (Eq. 7)
+    x      = -beta/2 (alpha Delta_w - Delta_l)
+    L      = -log sigmoid(x - m) + lambda_SFT ||v_w - v*_w||^2           (Eq. 7, margin as intended)
 
-Reference policy. The reference is the frozen base: the DiT with the adapter contributing exactly nothing
-(injection strength Omega = 0, so its hooks leave every block output untouched) and peft's LoRA disabled.
-:func:`reference_policy` does this in a try/finally and restores every ``requires_grad`` flag afterwards,
-also when the forward raises (peft's disable/enable toggles them). ``run.train=full`` is refused: a fully
-fine-tuned DiT has no "off" switch, and a frozen second copy of a 20 B model is what this design avoids;
-run DPO with ``run.train=lora`` (or ``adapter``) on top of the SFT result instead. Consequence, by design
-(DESIGN.md): when DPO starts from SFT weights the reference is the base, not the SFT start, so the first loss
-is not log 2 and the rewards measure the policy against the base model. A reference equal to the SFT start
-would need a frozen copy of the (small) adapter/LoRA tensors; that is not implemented.
+Eq. 7 as printed has ``x + m``, which makes the loss smaller as m grows (at x = 0, m = 1: 0.313 instead of
+ln 2 = 0.693) and so rewards no gap at all. IdGlow subtracts m, as SimPO does (1.313 at x = 0, m = 1: the
+loss only falls once the preference exceeds m); ``dpo.margin_form=printed`` restores the typeset sign.
 
-Config: the SFT sections plus ``dpo:`` (:class:`DPOConfig`). From ``loss`` only the timestep sampling
-(``timestep_scheme``, ``logit_mean/std``, ``timestep_shift``) and ``task`` apply; ``id_weight``/``schedule`` are
-SFT-only. Checkpoints, resume, accelerate and the exported files are the SFT trainer's (``loop.run_loop``).
+Each pair is injected with its own task's Omega(t), as in SFT (``loss.injection``). ``dpo.sequential``
+trades time for memory: the DiT never holds the graph of both latents at once (:class:`DPOStep`).
+``run.train=full`` is refused: a fully fine-tuned DiT has no "off" switch and no small trainable part to
+copy, and a frozen second copy of a 20 B model is what this design avoids; run DPO with ``run.train=lora``
+(or ``adapter``) on top of the SFT result instead.
+
+Config: the SFT sections plus ``dpo:`` (:class:`DPOConfig`). From ``loss`` the timestep sampling
+(``timestep_scheme``, ``logit_mean/std``, ``timestep_shift``), ``task``, ``schedule`` and ``injection`` (the
+injection strength per sample) apply; ``id_weight`` is SFT-only. Checkpoints, resume, accelerate and the
+exported files are the SFT trainer's (``loop.run_loop``).
 
 Starting point (``dpo.init_from``): an SFT output folder (``<run>/final`` or ``<run>``) holding
 ``idglow_adapter.safetensors`` and optionally ``pytorch_lora_weights.safetensors``, a checkpoint folder
 (``<run>/checkpoints/step-N``; its EMA weights when present), or one adapter ``.safetensors`` file. A LoRA
-from SFT keeps training (``run.train=lora``); the reference is then the base model without it.
+from SFT keeps training (``run.train=lora``) and is part of the start reference.
 
     from idglow_core.training.dpo import load_dpo_config, run_dpo
     result = run_dpo(load_dpo_config("train/configs/dpo_tiny_cpu.yaml"))
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -47,16 +49,19 @@ from accelerate.utils import set_seed
 
 from ..errors import ConfigError, ModelFormatError, ModelNotFoundError
 from ..yamlfile import read_yaml_mapping
-from ..losses import add_noise, per_sample_mse, velocity_target, weighted_margin_dpo_loss
-from ..schedules import Schedule
+from ..adapter import TRAIN_INJECTION_KEY
+from ..losses import MARGIN_FORMS, add_noise, per_sample_mse, velocity_target, weighted_margin_dpo_loss
+from .dpo_reference import StartReference, reference_policy
 from .config import LossConfig, TrainConfig, coerce_value, apply_overrides, config_from_dict, config_to_dict
 from .loop import LoopParts, LoopResult, StepOutput, check_run, claim, make_accelerator, run_loop
 from .sft import draw_t_and_noise
 
-__all__ = ["DPOConfig", "DPORunConfig", "load_dpo_config", "dpo_config_to_dict", "reference_policy", "DPOStep",
+__all__ = ["DPOConfig", "DPORunConfig", "load_dpo_config", "dpo_config_to_dict", "reference_policy",
+           "StartReference", "REFERENCES", "DPOStep",
            "InitWeights", "find_init_weights", "load_init_weights", "run_dpo"]
 
 log = logging.getLogger("idglow")
+REFERENCES = ("start", "base")  # dpo.reference
 
 
 @dataclass
@@ -68,9 +73,12 @@ class DPOConfig:
     # rewards/margins and implicit_acc.
     beta: float = 2500.0
     alpha: float = 1.0  # asymmetric weight on the chosen pair's Delta (Eq. 7)
-    margin: float = 0.0  # additive margin m >= 0 (Eq. 7)
+    margin: float = 0.0  # margin m >= 0 (Eq. 7): -log sigmoid(x - m), a minimum preference gap
+    margin_form: str = "intent"  # intent: x - m (SimPO) | printed: x + m, Eq. 7 as typeset (see losses.py)
     sft_weight: float = 0.0  # lambda_SFT: flow loss on the chosen sample (Eq. 7)
     init_from: str = ""  # SFT output folder, checkpoint folder or adapter file; "" = model.init_adapter/fresh
+    reference: str = "start"  # start: the starting adapter + LoRA (frozen copy) | base: DiT with both off
+    sequential: bool = False  # chosen and rejected forward+backward one after the other (less memory)
 
     def __post_init__(self):
         values = (self.beta, self.alpha, self.margin, self.sft_weight)
@@ -78,6 +86,9 @@ class DPOConfig:
                 not (self.beta > 0 and self.alpha > 0 and self.margin >= 0 and self.sft_weight >= 0):
             raise ConfigError(f"DPO needs dpo.beta > 0, dpo.alpha > 0, dpo.margin >= 0 and dpo.sft_weight >= 0 "
                               f"(Eq. 7); got {self.beta}, {self.alpha}, {self.margin}, {self.sft_weight}.")
+        if self.reference not in REFERENCES or self.margin_form not in MARGIN_FORMS:
+            raise ConfigError(f"dpo.reference must be one of {REFERENCES} (got '{self.reference}') and "
+                              f"dpo.margin_form one of {MARGIN_FORMS} (got '{self.margin_form}').")
 
 
 @dataclass
@@ -116,43 +127,6 @@ def dpo_config_to_dict(cfg: DPORunConfig) -> dict[str, Any]:
     return {**config_to_dict(cfg.train), "dpo": dataclasses.asdict(cfg.dpo)}
 
 
-# ---------------------------------------------------------------------------------------- reference policy
-def _train_module(module: nn.Module) -> nn.Module:
-    """The IdGlowTrainModule inside DDP / accelerate / test wrappers (each exposes ``.module``)."""
-    from .models import IdGlowTrainModule
-
-    inner = module
-    while not isinstance(inner, IdGlowTrainModule) and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module
-    if not isinstance(inner, IdGlowTrainModule) or not hasattr(inner, "injection"):
-        raise ConfigError(f"reference_policy needs an IdGlowTrainModule (possibly wrapped), got "
-                          f"{type(module).__name__}. Build it with training.models.build_train_module.")
-    return inner
-
-
-@contextlib.contextmanager
-def reference_policy(module: nn.Module) -> Iterator[nn.Module]:
-    """Inside: ``module`` predicts as the frozen base (adapter adds exactly 0, LoRA disabled). On exit, also
-    after an exception: the adapter's injection, the LoRA and every parameter's ``requires_grad`` are back.
-
-    Use under ``torch.no_grad()`` and never call ``backward()`` inside (the LoRA is off there)."""
-    inner = _train_module(module)
-    flags = {name: p.requires_grad for name, p in inner.named_parameters()}
-    schedule = inner.injection
-    has_lora = bool(getattr(inner.transformer, "_hf_peft_config_loaded", False))
-    inner.injection = Schedule("none")  # Omega = 0: the block hooks return the block output untouched
-    try:
-        if has_lora:
-            inner.transformer.disable_adapters()  # peft: also sets requires_grad=False on the LoRA
-        yield module
-    finally:
-        inner.injection = schedule
-        if has_lora:
-            inner.transformer.enable_adapters()
-        for name, p in inner.named_parameters():
-            p.requires_grad_(flags[name])
-
-
 # ---------------------------------------------------------------------------------------- the step
 def _twice(x: torch.Tensor) -> torch.Tensor:
     """``[B, ...]`` -> ``[2B, ...]``: the same conditioning for the chosen and the rejected half."""
@@ -162,37 +136,85 @@ def _twice(x: torch.Tensor) -> torch.Tensor:
 class DPOStep:
     """One DPO micro-step: ``(module, batch, generator) -> StepOutput`` for :func:`run_loop`.
 
-    ``reference``: context manager factory that turns ``module`` into the reference policy (injectable for
-    tests). The batch is :func:`~idglow_core.training.dpo_data.collate_pairs` output.
+    ``reference``: context manager factory that turns ``module`` into the reference policy (a
+    :class:`StartReference` snapshot, :func:`reference_policy`, or a test stand-in). None: per
+    ``dpo.reference``; for ``start`` the snapshot is then taken at the first call (the trainer builds it
+    before training instead, so that a resumed run keeps the true start). The batch is
+    :func:`~idglow_core.training.dpo_data.collate_pairs` output (+ ``task``, one per pair).
+
+    Joint mode runs the DiT on ``[z_w; z_l]`` (2B) with grad. ``dpo.sequential`` gives the same gradients
+    with the graph of B latents at a time: the reference passes (no_grad, B each), the chosen forward with
+    grad, a no_grad rejected forward; the sigmoid coefficients of Eq. 7 (dL/d err, exact) then
+    weight a backward of the chosen errors, and the rejected side runs forward + backward alone. Cost: one
+    extra forward on B latents over the joint mode (the brief's variant, a no_grad pass over both sides
+    before two forward+backward passes, costs two).
     """
 
     def __init__(self, loss: LossConfig, dpo: DPOConfig,
-                 reference: Callable[[nn.Module], ContextManager] = reference_policy):
+                 reference: Callable[[nn.Module], ContextManager] | None = None):
         self.loss, self.dpo, self.reference = loss, dpo, reference
+
+    def _reference(self, module: nn.Module) -> ContextManager:
+        if self.reference is None:
+            self.reference = StartReference(module) if self.dpo.reference == "start" else reference_policy
+        return self.reference(module)
+
+    def _loss(self, err_w, err_l, ref_w, ref_l):
+        d = self.dpo
+        return weighted_margin_dpo_loss(err_w, err_l, ref_w, ref_l, beta=d.beta, alpha=d.alpha, margin=d.margin,
+                                        sft_weight=d.sft_weight, margin_form=d.margin_form)  # Eq. 6-7
 
     def __call__(self, module: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
         device = next(module.parameters()).device
         z_w, z_l = batch["latents"].to(device), batch["latents_rejected"].to(device)  # [B, C, 1, h, w] each
-        b = z_w.shape[0]
-        t, eps = draw_t_and_noise(self.loss, z_w, generator)                        # one t and one noise per pair ...
-        t2, eps2 = _twice(t), _twice(eps)                          # ... shared by chosen and rejected
+        t, eps = draw_t_and_noise(self.loss, z_w, generator)       # one t and one noise per pair, shared
+        inject = self.loss.injection_scale(batch.get("task"), t)   # [B] each pair's Omega_task(t), as deployed
+        cond = ([r.to(device) for r in batch["ref_latents"]], batch["prompt_embeds"].to(device),
+                batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device))
+        if self.dpo.sequential:
+            return self._sequential(module, z_w, z_l, t, eps, inject, cond)
+        t2, eps2 = _twice(t), _twice(eps)
         z0 = torch.cat([z_w, z_l])                                 # [2B, ...]: chosen first, then rejected
-        z_t = add_noise(z0, eps2, t2)                              # z_t = (1 - t) z0 + t eps
         target = velocity_target(z0, eps2)                         # v* = eps - z0 (Eq. 6)
-        args = (z_t, t2, [_twice(r.to(device)) for r in batch["ref_latents"]],
-                _twice(batch["prompt_embeds"].to(device)), _twice(batch["prompt_mask"].to(device)),
-                _twice(batch["id_embeds"].to(device)), _twice(batch["id_mask"].to(device)))
-        with torch.no_grad(), self.reference(module):              # reference first: nothing interleaves
+        args = (add_noise(z0, eps2, t2), t2, [_twice(r) for r in cond[0]], *[_twice(x) for x in cond[1:]],
+                _twice(inject))
+        with torch.no_grad(), self._reference(module):             # reference first: nothing interleaves
             ref_err = per_sample_mse(module(*args), target)        # ||v_ref - v*||^2, [2B]
         err = per_sample_mse(module(*args), target)                # ||v_theta - v*||^2, [2B]
-        d = self.dpo
-        loss, metrics = weighted_margin_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta=d.beta,
-                                                 alpha=d.alpha, margin=d.margin, sft_weight=d.sft_weight)  # Eq. 6-7
-        logs: dict[str, Any] = {"loss/dpo": loss.item(), **metrics,
-                                "mse/chosen": err[:b].mean().item(), "mse/rejected": err[b:].mean().item(),
-                                "mse_ref/chosen": ref_err[:b].mean().item(),
-                                "mse_ref/rejected": ref_err[b:].mean().item()}
-        return StepOutput(loss=loss, logs=logs)
+        b = z_w.shape[0]
+        loss, metrics = self._loss(err[:b], err[b:], ref_err[:b], ref_err[b:])
+        return StepOutput(loss=loss, logs=self._logs(loss, metrics, err[:b], err[b:], ref_err[:b], ref_err[b:],
+                                                     inject))
+
+    def _sequential(self, module, z_w, z_l, t, eps, inject, cond) -> StepOutput:
+        sides = []
+        for z0 in (z_w, z_l):
+            target = velocity_target(z0, eps)
+            sides.append((target, (add_noise(z0, eps, t), t, *cond, inject)))
+        with torch.no_grad(), self._reference(module):  # per side, shaped as the policy passes: at the start
+            ref_w, ref_l = (per_sample_mse(module(*args), target) for target, args in sides)  # both agree bitwise
+        (target_w, args_w), (target_l, args_l) = sides
+        err_w = per_sample_mse(module(*args_w), target_w)          # chosen, with grad (its graph is kept)
+        with torch.no_grad():
+            err_l = per_sample_mse(module(*args_l), target_l)      # rejected, values only
+        a, r = err_w.detach().requires_grad_(True), err_l.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss, metrics = self._loss(a, r, ref_w, ref_l)
+            coef_w, coef_l = torch.autograd.grad(loss, (a, r))     # dL/d err: Eq. 7's sigmoid coefficients
+
+        def run_backward(backward: Callable[[torch.Tensor, bool], None]) -> None:
+            backward((coef_w * err_w).sum(), False)                # the chosen side's share of dL/d theta
+            err_l_grad = per_sample_mse(module(*args_l), target_l)  # the rejected side alone
+            backward((coef_l * err_l_grad).sum(), True)
+
+        return StepOutput(loss=loss.detach(), logs=self._logs(loss, metrics, err_w, err_l, ref_w, ref_l, inject),
+                          run_backward=run_backward)
+
+    @staticmethod
+    def _logs(loss, metrics, err_w, err_l, ref_w, ref_l, inject) -> dict[str, Any]:
+        return {"loss/dpo": loss.item(), **metrics, "mse/chosen": err_w.mean().item(),
+                "mse/rejected": err_l.mean().item(), "mse_ref/chosen": ref_w.mean().item(),
+                "mse_ref/rejected": ref_l.mean().item(), "inject/scale": inject.mean().item()}
 
 
 # ---------------------------------------------------------------------------------------- starting point
@@ -249,7 +271,8 @@ def load_init_weights(module: nn.Module, init: InitWeights, train_mode: str) -> 
     if init.lora is not None:
         if train_mode != "lora":
             raise ConfigError(f"dpo.init_from has a LoRA ({init.lora}) but run.train={train_mode}: it would be "
-                              f"dropped. Use run.train=lora (the LoRA keeps training; the reference is the base).")
+                              f"dropped. Use run.train=lora (the LoRA keeps training and is part of the start "
+                              f"reference).")
         _load_lora(module, init.lora)
     if init.trainable is not None:
         from safetensors.torch import load_file
@@ -301,8 +324,15 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     from .export import export_weights
     from .models import build_pipeline, build_train_module
 
+    from .data import TaskTagged, with_tasks
+
     tc = cfg.train
     acc = accelerator or make_accelerator(tc)
+    from accelerate.utils import DistributedType
+    if cfg.dpo.reference == "start" and acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError("dpo.reference=start keeps a copy of the starting adapter + LoRA tensors, which FSDP "
+                          "shards. Train DPO under DDP (accelerate_ddp_bf16.yaml: adapter/LoRA fit it), or set "
+                          "dpo.reference=base.")
     record = dpo_config_to_dict(cfg)  # config.yaml and checkpoints carry the dpo section (--config <run>/config.yaml)
     plan = check_run(tc, acc, config=record, start_weights=_start_files(cfg), trainer="idglow-dpo")
     analyzer = analyzer or load_analyzer(tc.model.face_backend, model_dir=tc.model.face_model_dir or None)
@@ -311,7 +341,7 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     probe = PairEncoder(sample_encoder(tc, None, None), tc.data.resolution)  # full cache: no text encoder
     pipe = build_pipeline(tc, text_encoder=shard_needs_encoding(pairs, probe.is_cached, acc))
     pipe.to(acc.device)
-    encoded = encode_pairs(tc, pipe, pairs, accelerator=acc)  # on disk, loaded lazily
+    encoded = TaskTagged(encode_pairs(tc, pipe, pairs, accelerator=acc), [p.task for p in pairs])  # on disk, lazy
     free_text_encoder(pipe)
     init = find_init_weights(cfg.dpo.init_from) if cfg.dpo.init_from else InitWeights()
     build_cfg = tc if init.adapter is None else dataclasses.replace(
@@ -322,17 +352,20 @@ def run_dpo(cfg: DPORunConfig, *, analyzer=None, accelerator=None) -> LoopResult
     if not (cfg.dpo.init_from or tc.model.init_adapter):
         log.warning("DPO starts from an untrained adapter (no dpo.init_from): fine for smoke runs; real runs "
                     "start from the SFT output.")
+    reference = StartReference(module) if cfg.dpo.reference == "start" else reference_policy  # before resume
     meta = {"task": tc.loss.task, "trained_steps": str(tc.optim.max_steps), "trainer": "idglow-dpo",
-            "dpo": json.dumps(dataclasses.asdict(cfg.dpo))}
+            "dpo": json.dumps(dataclasses.asdict(cfg.dpo)),
+            TRAIN_INJECTION_KEY: json.dumps(tc.loss.train_injection([p.task for p in pairs]))}
     validator = None
     if tc.run.validate_every:
         from .encode import collate
         from .sft import vae_decoder
         from .validate import FaceSimValidator
-        validator = FaceSimValidator(encoded[: tc.run.validate_samples], collate, vae_decoder(pipe.vae), analyzer,
-                                     steps=tc.run.validate_steps, seed=tc.run.seed,
-                                     out_dir=Path(tc.run.output_dir) / "validation")
-    parts = LoopParts(module=module, samples=encoded, collate=collate_pairs, step_fn=DPOStep(tc.loss, cfg.dpo),
+        validator = FaceSimValidator(encoded[: tc.run.validate_samples], with_tasks(collate), vae_decoder(pipe.vae),
+                                     analyzer, steps=tc.run.validate_steps, seed=tc.run.seed,
+                                     out_dir=Path(tc.run.output_dir) / "validation", injection=tc.loss.injection_scale)
+    parts = LoopParts(module=module, samples=encoded, collate=with_tasks(collate_pairs),
+                      step_fn=DPOStep(tc.loss, cfg.dpo, reference),
                       export=lambda m, folder, state: export_weights(m, folder, tc.run.train, meta, state),
                       validate=validator, config=record)
     return run_loop(tc, parts, resume_from=claim(plan, tc, acc, record), accelerator=acc)  # all checks passed

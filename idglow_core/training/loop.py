@@ -42,10 +42,16 @@ log = logging.getLogger("idglow")
 @dataclass
 class StepOutput:
     """What a step function returns: the scalar loss to backpropagate and metrics (a float, or a list of
-    observations that are averaged over the logging window)."""
+    observations that are averaged over the logging window).
+
+    ``run_backward``: for a step that back-propagates in parts (DPO ``sequential``), the loop calls
+    ``run_backward(backward)`` instead of back-propagating ``loss`` (then only logged); the step calls
+    ``backward(part, last)`` per part, ``last=True`` on its final one (gradients sync there).
+    """
 
     loss: torch.Tensor
     logs: dict[str, float | list[float]] = field(default_factory=dict)
+    run_backward: Callable[[Callable[[torch.Tensor, bool], None]], None] | None = None
 
 
 class StepFn(Protocol):
@@ -245,11 +251,18 @@ def _micro_step(acc, parts: LoopParts, cfg: TrainConfig, module, step: int, micr
     torch.manual_seed(seed)  # any global-RNG use inside the model (dropout) is reproducible too
     generator = torch.Generator().manual_seed(seed)
     out = parts.step_fn(module, batch, generator)
-    if micro < accum - 1:
-        with acc.no_sync(module):
-            acc.backward(out.loss / accum)
+
+    def backward(loss: torch.Tensor, last: bool = True) -> None:
+        if micro < accum - 1 or not last:
+            with acc.no_sync(module):
+                acc.backward(loss / accum)
+        else:
+            acc.backward(loss / accum)
+
+    if out.run_backward is None:
+        backward(out.loss)
     else:
-        acc.backward(out.loss / accum)
+        out.run_backward(backward)
     value = out.loss.item()
     buf.add({"loss/total": value, **out.logs})
     return value

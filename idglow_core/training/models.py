@@ -70,15 +70,17 @@ def build_pipeline(cfg: TrainConfig, text_encoder: bool = True):
 class IdGlowTrainModule(nn.Module):
     """The DiT with the adapter attached (and a LoRA, when trained). ``forward`` predicts the velocity.
 
-    The adapter is trained with constant injection strength 1 at every t (DDP then sees every adapter
-    parameter used in every step); the inference schedule is stored in the adapter file's metadata.
+    ``inject`` (``[B]``) is each sample's injection strength, ``Omega_task(t)`` as deployed (the step computes
+    it from ``loss.injection``); None = 1. With grad enabled the ID residual is computed at every block and
+    then multiplied by it, also where it is 0, so DDP sees every adapter parameter used in every step.
+    ``inject_off`` (DPO's base reference) makes the adapter add exactly nothing.
     """
 
     def __init__(self, transformer: nn.Module, adapter: IdGlowAdapter):
         super().__init__()
         self.transformer, self.adapter = transformer, adapter
         self._hooks = adapter.attach(transformer)
-        self.injection = Schedule("constant")  # Omega of the injection while training; DPO's reference sets "none"
+        self.inject_off = False
 
     def detach_hooks(self) -> None:
         """Remove the adapter's hooks from the transformer (e.g. before handing both to IdGlowPipeline)."""
@@ -86,10 +88,12 @@ class IdGlowTrainModule(nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ref_latents: list[torch.Tensor],
                 prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor, id_embeds: torch.Tensor,
-                id_mask: torch.Tensor) -> torch.Tensor:
+                id_mask: torch.Tensor, inject: torch.Tensor | None = None) -> torch.Tensor:
         """z_t ``[B, C, 1, h, w]``, t ``[B]``, refs ``[B, C, 1, h_j, w_j]``, prompt ``[B, L, D]`` + ``[B, L]``,
-        identities ``[B, K, id_dim]`` + ``[B, K]`` -> velocity ``[B, C, 1, h, w]``."""
-        cond = self.adapter.condition(id_embeds, id_mask, weight=1.0, schedule=self.injection)
+        identities ``[B, K, id_dim]`` + ``[B, K]``, inject ``[B]`` or None -> velocity ``[B, C, 1, h, w]``."""
+        weight = 0.0 if self.inject_off else (1.0 if inject is None else inject.to(z_t.device).float())
+        cond = self.adapter.condition(id_embeds, id_mask, weight=weight, schedule=Schedule("constant"))
+        cond.compute_always = torch.is_grad_enabled() and not self.inject_off
         out = self.transformer(**edit_inputs(z_t, ref_latents, t), encoder_hidden_states=prompt_embeds,
                                encoder_hidden_states_mask=prompt_mask, attention_kwargs={"idglow": cond},
                                return_dict=False)[0]

@@ -3,14 +3,17 @@
     L = ||v - (eps - z0)||^2 + Omega(t) * lambda_base * L_ID(decode(z_t - t v), refs)          # Eq. 1
 
 The ID loss (Eq. 2-3) runs only for samples whose ``Omega(t) * lambda_base`` is non-zero: the others skip the
-VAE decode entirely. ``--task group`` uses anneal (Eq. 4), ``--task age`` gate (Eq. 5); ``loss.schedule``
-overrides (``constant`` is the "constant ID loss" ablation), ``loss.id_weight=0`` the "w/o ID loss" one.
+VAE decode entirely. Each sample's manifest ``task`` picks its Omega: ``group`` anneal (Eq. 4), ``age`` gate
+(Eq. 5), so one run can mix both; ``loss.schedule`` overrides it for all (``constant`` is the "constant ID
+loss" ablation), ``loss.id_weight=0`` the "w/o ID loss" one. The ID residual is injected with the same
+Omega(t) the pipeline and the nodes deploy (``loss.injection=schedule``; ``constant`` = strength 1).
 
     from idglow_core.training import load_config, run_sft
     result = run_sft(load_config("train/configs/tiny_cpu.yaml"))
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +21,7 @@ from typing import Any, Callable
 import torch
 from accelerate.utils import set_seed
 
+from ..adapter import TRAIN_INJECTION_KEY
 from ..losses import add_noise, flow_loss, one_step_estimate, sample_timesteps, sft_objective, velocity_target
 from .config import LossConfig, TrainConfig
 from .identity import IdentityLoss, analyzer_detector, tiny_arcface
@@ -70,7 +74,6 @@ class SFTStep:
     def __init__(self, loss: LossConfig, decode: Callable[[torch.Tensor], torch.Tensor] | None,
                  identity: IdentityLoss | None, detect_decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.cfg, self.decode, self.identity, self.detect_decode = loss, decode, identity, detect_decode
-        self.omega = loss.omega
         self.counts = {"samples": 0, "id_loss_ran": 0, "images_without_face": 0, "refs_missing": 0}
 
     def __call__(self, module: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator) -> StepOutput:
@@ -78,13 +81,17 @@ class SFTStep:
         z0 = batch["latents"].to(device)
         t, eps = draw_t_and_noise(self.cfg, z0, generator)                            # Algorithm 1 line 3
         z_t = add_noise(z0, eps, t)                                    # line 4
+        tasks = batch.get("task")                                      # each sample's own task (None: loss.task)
+        inject = self.cfg.injection_scale(tasks, t)                    # [B] Omega_task(t) as deployed, or 1
         v = module(z_t, t, [r.to(device) for r in batch["ref_latents"]], batch["prompt_embeds"].to(device),
-                   batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device))
+                   batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device),
+                   inject)
         flow = flow_loss(v, velocity_target(z0, eps))                  # line 6, Eq. 1 first term, [B]
-        omega = self.omega(t.float()) * torch.ones_like(flow)          # lines 7-12, Eq. 4/5
+        omega = self.cfg.omega_per_sample(tasks, t).to(flow)           # lines 7-12, Eq. 4/5 per sample
         active = (omega * self.cfg.id_weight) != 0
         id_per = torch.zeros_like(flow)
         logs: dict[str, Any] = {"loss/flow": flow.mean().item(), "omega/mean": omega.mean().item(),
+                                "inject/scale": inject.mean().item(),
                                 "id_loss/active_frac": active.float().mean().item()}
         if self.identity is not None and bool(active.any()):
             idx = active.nonzero().flatten()
@@ -154,7 +161,7 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     """Validate data, build models, train, checkpoint and export. Injectable for tests: ``analyzer`` (face
     analyzer for references), ``detector`` (keypoints on decoded images), ``arcface`` (ID-loss encoder)."""
     from ..faces import load_analyzer
-    from .data import read_manifest
+    from .data import TaskTagged, read_manifest, with_tasks
     from .encode import collate, encode_samples, free_text_encoder, sample_encoder, shard_needs_encoding
     from .export import export_weights
     from .models import build_pipeline, build_train_module
@@ -167,7 +174,8 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     probe = sample_encoder(cfg, None, identity)  # a rerun on a full cache needs no text encoder
     pipe = build_pipeline(cfg, text_encoder=shard_needs_encoding(samples, probe.is_cached, acc))
     pipe.to(acc.device)
-    encoded = encode_samples(cfg, pipe, samples, identity, accelerator=acc)  # on disk, loaded lazily
+    encoded = TaskTagged(encode_samples(cfg, pipe, samples, identity, accelerator=acc),  # on disk, loaded lazily
+                         [s.task for s in samples])
     free_text_encoder(pipe)  # prompts are encoded: give its memory back before training
     if identity is not None:
         identity.arcface.to(acc.device)
@@ -175,14 +183,16 @@ def run_sft(cfg: TrainConfig, *, analyzer=None, detector=None, arcface=None, acc
     module = build_train_module(cfg, pipe, id_dim=int(encoded[0]["id_embeds"].shape[1]))
     crop = cfg.loss.id_decode == "crop"
     step = SFTStep(cfg.loss, vae_decoder(pipe.vae), identity, vae_decoder(pipe.vae, tiled=True) if crop else None)
-    meta = {"task": cfg.loss.task, "trained_steps": str(cfg.optim.max_steps), "trainer": "idglow-sft"}
+    meta = {"task": cfg.loss.task, "trained_steps": str(cfg.optim.max_steps), "trainer": "idglow-sft",
+            TRAIN_INJECTION_KEY: json.dumps(cfg.loss.train_injection([s.task for s in samples]))}
     validator = None
     if cfg.run.validate_every:
         from .validate import FaceSimValidator
-        validator = FaceSimValidator(encoded[: cfg.run.validate_samples], collate, vae_decoder(pipe.vae), analyzer,
-                                     steps=cfg.run.validate_steps, seed=cfg.run.seed,
-                                     out_dir=Path(cfg.run.output_dir) / "validation")
-    parts = LoopParts(module=module, samples=encoded, collate=collate, step_fn=step,
+        validator = FaceSimValidator(encoded[: cfg.run.validate_samples], with_tasks(collate), vae_decoder(pipe.vae),
+                                     analyzer, steps=cfg.run.validate_steps, seed=cfg.run.seed,
+                                     out_dir=Path(cfg.run.output_dir) / "validation",
+                                     injection=cfg.loss.injection_scale)
+    parts = LoopParts(module=module, samples=encoded, collate=with_tasks(collate), step_fn=step,
                       export=lambda m, folder, state: export_weights(m, folder, cfg.run.train, meta, state),
                       validate=validator)
     result = run_loop(cfg, parts, resume_from=claim(plan, cfg, acc), accelerator=acc)  # all checks passed

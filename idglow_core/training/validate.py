@@ -24,8 +24,10 @@ class FaceSimValidator:
     """``validator(module, step) -> {"val/facesim": ..., "val/faces_found": ...}`` (call on one process)."""
 
     def __init__(self, samples: Sequence[dict[str, Any]], collate: Callable, decode: Callable, analyzer,
-                 steps: int = 8, seed: int = 0, out_dir: str | Path | None = None):
+                 steps: int = 8, seed: int = 0, out_dir: str | Path | None = None,
+                 injection: Callable[[list[str] | None, torch.Tensor], torch.Tensor] | None = None):
         self.samples, self.collate, self.decode, self.analyzer = list(samples), collate, decode, analyzer
+        self.injection = injection  # (tasks, t [B]) -> [B] strength: the trained Omega(t), as deployed
         self.steps, self.seed = steps, seed
         self.out_dir = Path(out_dir) if out_dir else None
 
@@ -36,8 +38,10 @@ class FaceSimValidator:
         ts = torch.linspace(1.0, 0.0, self.steps + 1)
         refs = [r.to(device) for r in batch["ref_latents"]]
         for t, t_next in zip(ts[:-1], ts[1:]):
-            v = module(z, t.repeat(z.shape[0]).to(device), refs, batch["prompt_embeds"].to(device),
-                       batch["prompt_mask"].to(device), batch["id_embeds"].to(device), batch["id_mask"].to(device))
+            tb = t.repeat(z.shape[0])
+            inject = None if self.injection is None else self.injection(batch.get("task"), tb)
+            v = module(z, tb.to(device), refs, batch["prompt_embeds"].to(device), batch["prompt_mask"].to(device),
+                       batch["id_embeds"].to(device), batch["id_mask"].to(device), inject)
             z = z + (t_next - t).item() * v  # Euler step of dz/dt = v from t = 1 (noise) to 0
         return self.decode(z)
 
