@@ -143,7 +143,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_rerun(tmp_path, monkeypat
     from idglow_core.training import models
     from idglow_core.training.sft import run_sft
 
-    def broken(cfg):
+    def broken(cfg, **kwargs):
         raise RuntimeError("out of memory while loading the model")
     monkeypatch.setattr(models, "build_pipeline", broken)
     out = tmp_path / "run"

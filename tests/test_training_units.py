@@ -107,7 +107,7 @@ def test_manifest_validation_lists_every_problem_with_line_numbers(tmp_path):
     msg = str(info.value)
     assert "line 1:" not in msg and "has 6 problem(s)" in msg
     for needle in ("line 2: not valid JSON", "line 3: target Image file not found", "missing.jpg",
-                   "line 4: no face found in reference 2", "line 5: reference 1 Cannot read",
+                   "line 4: no face found in reference 2", "line 5: reference 1 ", "broken.jpg' is not an image",
                    "line 6: 'task' must be one of", "line 7: 5 references"):
         assert needle in msg
     manifest.write_text(lines[0] + "\n")
