@@ -101,15 +101,16 @@ def rank_candidates(scores: Sequence[CandidateScore], aesthetic_weight: float = 
     return sorted(scores, key=lambda s: s.key(aesthetic_weight), reverse=True)
 
 
-def ranking_report(ranked: Sequence[CandidateScore], label: str = "candidate") -> str:
-    """One line per candidate, best first: rank, index, faces, count_ok, strict, matched, ID-Conf."""
+def ranking_report(ranked: Sequence[CandidateScore], label: str = "candidate", first: int = 1) -> str:
+    """One line per candidate, best first: rank, ``label`` with number ``first + index`` (e.g. the seed), faces,
+    count_ok, strict, matched, ID-Conf."""
     lines = []
     for rank, s in enumerate(ranked, 1):
         r = s.facesim
         matched = "n/a" if math.isnan(r.matched) else f"{r.matched:.3f}"
         conf = "n/a" if math.isnan(r.id_conf_mean) else f"{r.id_conf_mean:.3f}"
         aes = "" if s.aesthetic is None else f", aesthetic {s.aesthetic:.2f}"
-        lines.append(f"#{rank}: {label} {s.index + 1}, {s.faces} face(s) for {len(r.assignment)} reference(s)"
+        lines.append(f"#{rank}: {label} {s.index + first}, {s.faces} face(s) for {len(r.assignment)} reference(s)"
                      f"{'' if r.count_ok else ' (count differs)'}; strict {r.strict:.3f}, matched {matched}, "
                      f"ID-Conf {conf}{aes}")
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from .errors import ConfigError, NoFaceError
 from .schedules import TASK_SCHEDULES, Schedule
 from .training.identity import Detector, IdentityLoss
 
-__all__ = ["GuidanceConfig", "GuidanceStep", "IdentityGuidance", "guidance_references"]
+__all__ = ["GuidanceConfig", "GuidanceStep", "IdentityGuidance", "guidance_references", "arcface_path", "arcface_for"]
 
 log = logging.getLogger("idglow")
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -146,13 +146,12 @@ class IdentityGuidance:
         return x0 + delta.to(device=x0.device, dtype=x0.dtype)
 
 
-def arcface_for(analyzer):
-    """The differentiable ArcFace for ``analyzer``'s embeddings: ``w600k_r50.onnx`` of its buffalo_l folder, read
-    into torch. Raises :class:`ModelNotFoundError` for backends without it (dlib: no differentiable recogniser)."""
+def arcface_path(analyzer):
+    """``w600k_r50.onnx`` of ``analyzer``'s buffalo_l folder. Raises :class:`ModelNotFoundError` for backends
+    without it (dlib: its recogniser cannot be differentiated)."""
     from pathlib import Path
 
     from .errors import ModelNotFoundError
-    from .faces.arcface import ArcFace
 
     folder = getattr(analyzer, "folder", None)
     if folder is None or not (Path(folder) / "w600k_r50.onnx").is_file():
@@ -161,4 +160,11 @@ def arcface_for(analyzer):
             f"path, but the face analyzer is '{getattr(analyzer, 'name', type(analyzer).__name__)}'. dlib's "
             f"recogniser cannot be differentiated. Load the insightface backend (buffalo_l in models/insightface "
             f"or $IDGLOW_INSIGHTFACE_DIR); best-of-N and seed search work with dlib.")
-    return ArcFace.from_onnx(Path(folder) / "w600k_r50.onnx")
+    return Path(folder) / "w600k_r50.onnx"
+
+
+def arcface_for(analyzer):
+    """The differentiable ArcFace for ``analyzer``'s embeddings (:func:`arcface_path` read into torch)."""
+    from .faces.arcface import ArcFace
+
+    return ArcFace.from_onnx(arcface_path(analyzer))
