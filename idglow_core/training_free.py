@@ -94,15 +94,19 @@ def run_training_free(ip, refs: list[np.ndarray], cfg, kwargs: dict[str, Any]) -
     if not prune:
         pixels = out.images
         if n > 1:
+            scoring = time.perf_counter()
             ranked = _score(ip, refs, _uint8(pixels))
+            meta["score_seconds"] = round(time.perf_counter() - scoring, 4)
             pixels = pixels[[s.index for s in ranked[:m]]]
             meta["ranking"] = [s.to_dict() for s in ranked]
             log.info("best-of-%d:\n%s", n, ranking_report(ranked))
         meta["accounting"] = step_accounting(n, n, cfg.steps, cfg.steps)
     else:
         k = hook.split
+        scoring = time.perf_counter()
         estimates = _uint8(_decode(pipe, hook.unpack(hook.x0)))   # the one-step estimates at step k
         ranked = _score(ip, refs, estimates)
+        meta["score_seconds"] = round(time.perf_counter() - scoring, 4)
         keep = [s.index for s in ranked[:m]]
         log.info("seed search: scored %d estimates at step %d of %d (t=%.4f), keeping %s\n%s", n, k, cfg.steps,
                  steps_log[k - 1]["t"], [cfg.seed + i for i in keep], ranking_report(ranked))
