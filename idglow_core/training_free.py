@@ -9,9 +9,10 @@ tail of the same sigma schedule.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -34,6 +35,24 @@ def output_size(pipe, refs: list[np.ndarray], height: int | None, width: int | N
     cw, ch = calculate_dimensions(1024 * 1024, w0 / h0)
     m = pipe.vae_scale_factor * 2
     return (height or ch) // m * m, (width or cw) // m * m
+
+
+@contextlib.contextmanager
+def _prompt_encoding_once(pipe) -> Iterator[None]:
+    """Phase 2 reuses phase 1's text-encoder output (the VLM reads the same prompt and reference images):
+    ``pipe._get_qwen_prompt_embeds`` is cached per prompt for the duration of the search."""
+    original, cache = pipe._get_qwen_prompt_embeds, {}
+
+    def cached(prompt, image=None, device=None, dtype=None):
+        key = repr(prompt)
+        if key not in cache:
+            cache[key] = original(prompt, image, device, dtype)
+        return cache[key]
+    pipe._get_qwen_prompt_embeds = cached
+    try:
+        yield
+    finally:
+        del pipe._get_qwen_prompt_embeds
 
 
 def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -87,6 +106,22 @@ def run_training_free(ip, refs: list[np.ndarray], cfg, kwargs: dict[str, Any]) -
     start = time.perf_counter()
     prune = cfg.prune_at is not None
     hook = DiffusersStepHook(pipe, height, width, guidance, prune_at=cfg.prune_at if prune else None)
+    with _prompt_encoding_once(pipe):
+        pixels, steps_log = _run_phases(ip, refs, cfg, kwargs, hook, gens, guidance, meta, prune)
+    meta["kept_seeds"] = [cfg.seed + s["index"] for s in meta.get("ranking", [])][:m] or meta["seeds"][:m]
+    meta["steps_log"] = steps_log
+    meta["seconds"] = round(time.perf_counter() - start, 4)
+    if guidance is not None:
+        meta["guidance"] = {"config": {"strength": cfg.id_guidance.strength,
+                                       "margin": cfg.id_guidance.margin},
+                            "schedule": guidance.schedule.to_dict(), "steps": [r.to_dict() for r in guidance.records]}
+    return pixels, {"training_free": meta}
+
+
+def _run_phases(ip, refs, cfg, kwargs, hook, gens, guidance, meta, prune):
+    """One call (full best-of-N) or phase 1 + scoring + phase 2 (seed search); fills ``meta``."""
+    pipe, n, m = ip.pipe, cfg.candidates, cfg.keep
+    height, width = hook.height, hook.width
     with hook:
         out = pipe(**kwargs, num_images_per_prompt=n, generator=gens, callback_on_step_end=hook.callback,
                    output_type="latent" if prune else "pt")
@@ -120,11 +155,4 @@ def run_training_free(ip, refs: list[np.ndarray], cfg, kwargs: dict[str, Any]) -
         meta["ranking"] = [s.to_dict() for s in ranked]
         meta["accounting"] = {**step_accounting(n, m, cfg.steps, k), "prune_at": cfg.prune_at,
                               "t_at_split": steps_log[k - 1]["t"]}
-    meta["kept_seeds"] = [cfg.seed + s["index"] for s in meta.get("ranking", [])][:m] or meta["seeds"][:m]
-    meta["steps_log"] = steps_log
-    meta["seconds"] = round(time.perf_counter() - start, 4)
-    if guidance is not None:
-        meta["guidance"] = {"config": {"strength": cfg.id_guidance.strength,
-                                       "margin": cfg.id_guidance.margin},
-                            "schedule": guidance.schedule.to_dict(), "steps": [r.to_dict() for r in guidance.records]}
-    return pixels, {"training_free": meta}
+    return pixels, steps_log
