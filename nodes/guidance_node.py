@@ -41,14 +41,14 @@ class _Decoder(torch.nn.Module):
         return self.vae.decode(z)
 
 
-def differentiable_decoder(vae, base_model):
+def differentiable_decoder(vae, base_model, device):
     """Internal-space latents ``[b, C, 1, h, w]`` -> RGB ``[b, 3, H, W]`` in [0, 1], differentiable. Call under
-    ``inference_mode(False)``: the decoder's weights are cloned into ordinary tensors once."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([vae.patcher])
+    ``inference_mode(False)``: the decoder's weights are copied once onto ``device`` (the sampling device) as
+    ordinary tensors, wherever ComfyUI keeps the VAE; ComfyUI's memory manager is not asked to load the VAE
+    mid-sampling (that could evict the DiT). The copy (~150 MB in bf16 for the Qwen-Image VAE decoder) lives as
+    long as the guided MODEL."""
     wrapper = _Decoder(vae.first_stage_model)
-    weights = {n: t.detach().clone() for n, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]
+    weights = {n: t.detach().to(device, copy=True) for n, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]
                if not n.startswith(("vae.encoder.", "vae.conv1."))}
     channels = base_model.latent_format.latent_channels
     with torch.no_grad():  # process_latent_out is affine per channel: out = a * z + b
@@ -57,7 +57,7 @@ def differentiable_decoder(vae, base_model):
         gain = (base_model.process_latent_out(zero + 1.0) - offset).clone()
 
     def decode(z: torch.Tensor) -> torch.Tensor:
-        zz = (z * gain.to(z) + offset.to(z)).to(device=vae.device, dtype=vae.vae_dtype)
+        zz = (z * gain.to(z) + offset.to(z)).to(device=device, dtype=vae.vae_dtype)
         out = torch.func.functional_call(wrapper, weights, (zz,), strict=False)   # [b, 3, 1, H, W] in [-1, 1]
         return ((out[:, :, 0].float() + 1.0) / 2.0).clamp(0.0, 1.0).to(z.device)
     return decode
@@ -81,7 +81,7 @@ class ComfyIdentityGuidance:
                                  f"of the guidance makes other embeddings. Encode the references with the same "
                                  f"insightface analyzer.")
             self.core = IdentityGuidance(self.ids.embeddings.clone().to(device), differentiable_decoder(
-                self.vae, base_model), analyzer_detector(self.analyzer), arcface, self.config, self.schedule)
+                self.vae, base_model, device), analyzer_detector(self.analyzer), arcface, self.config, self.schedule)
         return self.core
 
     def __call__(self, args: dict) -> torch.Tensor:
