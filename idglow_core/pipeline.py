@@ -19,6 +19,7 @@ conditional and the negative pass, as the adapter was trained without ID dropout
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -65,6 +66,10 @@ class GenerateConfig:
     seed: int = 0
     face_indices: Sequence[int | None] | None = None  # which face per reference (default: the largest)
     output_type: str = "pil"                     # or "pt" ([B, 3, H, W] in [0, 1]) / "np", as diffusers
+    candidates: int = 1                          # best-of-N: seeds seed .. seed + N - 1 (idglow_core.bestof)
+    keep: int = 1                                # how many of them are finished and returned, best first
+    prune_at: float | None = None                # flow time t_p: score at t_p, finish only `keep` (seedsearch)
+    id_guidance: Any = None                      # a guidance.GuidanceConfig: identity guidance in Omega(t)
 
     def __post_init__(self) -> None:
         if self.task not in TASK_SCHEDULES:
@@ -80,6 +85,9 @@ class GenerateConfig:
                 raise InputError(f"{name} must be a list with one entry per reference, got {value!r}.")
         if self.id_weights is not None and not all(_finite(w) and float(w) >= 0 for w in self.id_weights):
             raise InputError(f"id_weights must be finite numbers >= 0, one per reference; got {list(self.id_weights)}.")
+        from .seedsearch import check_search
+
+        check_search(self.candidates, self.keep, self.prune_at)
 
     def resolved_schedule(self) -> Schedule:
         if self.schedule is None:
@@ -166,24 +174,32 @@ def _as_rgb(ref: Any) -> np.ndarray:
 class IdGlowPipeline:
     """A Qwen-Image-Edit-Plus pipeline whose DiT gets IdGlow identity tokens at every step.
 
-    ``analyzer`` is a face backend (``idglow_core.faces.load_analyzer``); it is only needed when no
-    precomputed embeddings are passed.
+    ``analyzer`` is a face backend (``idglow_core.faces.load_analyzer``); it is needed when no precomputed
+    embeddings are passed, and for best-of-N / seed search (scoring). ``adapter=None`` runs the base model
+    (training-free identity: ``candidates``, ``prune_at``, ``id_guidance``). Identity guidance needs a
+    differentiable ArcFace: ``arcface`` (default: ``w600k_r50.onnx`` of an insightface analyzer) and a
+    keypoint ``detector`` (default: the analyzer's detections).
     """
 
-    def __init__(self, pipe, adapter: IdGlowAdapter, analyzer=None):
-        adapter.check_fits(pipe.transformer)
+    def __init__(self, pipe, adapter: IdGlowAdapter | None = None, analyzer=None, arcface=None, detector=None):
         p = next(pipe.transformer.parameters())
-        self.pipe, self.adapter, self.analyzer = pipe, adapter.to(p.device, p.dtype).eval(), analyzer
+        if adapter is not None:
+            adapter.check_fits(pipe.transformer)
+            adapter = adapter.to(p.device, p.dtype).eval()
+        self.pipe, self.adapter, self.analyzer = pipe, adapter, analyzer
+        self.arcface, self.detector = arcface, detector
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike, adapter: str | os.PathLike, device: str | None = None,
+    def from_pretrained(cls, model: str | os.PathLike, adapter: str | os.PathLike | None,
+                        device: str | None = None,
                         dtype: torch.dtype | None = None, face_backend: str = "auto",
                         face_model_dir: str | os.PathLike | None = None,
                         local_files_only: bool | None = None) -> "IdGlowPipeline":
-        """Load the base pipeline (folder or HF cache), the adapter file and a face analyzer."""
+        """Load the base pipeline (folder or HF cache), the adapter file (None: base model only) and a face
+        analyzer."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        ad = IdGlowAdapter.load(adapter)  # file errors before the slow base load
+        ad = None if adapter is None else IdGlowAdapter.load(adapter)  # file errors before the slow base load
         pipe = load_edit_pipeline(model, dtype, local_files_only).to(device)
         analyzer = None
         if face_backend != "none":
@@ -230,33 +246,58 @@ class IdGlowPipeline:
         refs = [_as_rgb(r) for r in as_image_list(references, "references")]
         if not refs:
             raise InputError("No reference images given. Pass one portrait per person.")
-        k, max_ids = len(refs), self.adapter.config.max_ids
-        if k > max_ids:
-            raise InputError(f"{k} references given but this adapter supports at most {max_ids} identities.")
-        if cfg.id_weights is not None and len(cfg.id_weights) != k:
-            raise InputError(f"{len(cfg.id_weights)} id_weights for {k} references; give one weight per reference.")
-        emb, faces = self.identities(refs, embeddings, cfg.face_indices)
+        k = len(refs)
         schedule = cfg.resolved_schedule()
-        self.adapter.check_deployed_schedule(schedule, cfg.task)  # warns when training injected otherwise
-        p = next(self.adapter.parameters())
-        cond = self.adapter.condition(emb[None].to(p.device, p.dtype), weight=cfg.weight, schedule=schedule,
-                                      id_weights=cfg.id_weights)
         prompt = cfg.prompt if cfg.prompt is not None else self._static_prompt(cfg.task, k)
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        with self.adapter.attach(self.pipe.transformer):
-            out = self.pipe(image=[Image.fromarray(r) for r in refs], prompt=prompt,
-                            negative_prompt=cfg.negative_prompt, true_cfg_scale=cfg.true_cfg_scale,
-                            num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width,
-                            generator=generator, attention_kwargs={KWARG: cond}, output_type=cfg.output_type)
-        meta = {"task": cfg.task, "prompt": prompt, "negative_prompt": cfg.negative_prompt,
-                "schedule": schedule.to_dict(), "weight": cfg.weight,
-                "id_weights": None if cfg.id_weights is None else [float(w) for w in cfg.id_weights],
-                "seed": cfg.seed, "steps": cfg.steps, "true_cfg_scale": cfg.true_cfg_scale, "faces": faces,
-                "adapter": {"id_dim": self.adapter.config.id_dim, "max_ids": max_ids}}
-        return IdGlowResult(list(out.images) if cfg.output_type == "pil" else out.images, meta)
+        meta: dict[str, Any] = {"task": cfg.task, "prompt": prompt, "negative_prompt": cfg.negative_prompt,
+                                "seed": cfg.seed, "steps": cfg.steps, "true_cfg_scale": cfg.true_cfg_scale}
+        kwargs: dict[str, Any] = dict(image=[Image.fromarray(r) for r in refs], prompt=prompt,
+                                      negative_prompt=cfg.negative_prompt, true_cfg_scale=cfg.true_cfg_scale,
+                                      num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width)
+        attach = contextlib.nullcontext()
+        if self.adapter is not None:
+            max_ids = self.adapter.config.max_ids
+            if k > max_ids:
+                raise InputError(f"{k} references given but this adapter supports at most {max_ids} identities.")
+            if cfg.id_weights is not None and len(cfg.id_weights) != k:
+                raise InputError(f"{len(cfg.id_weights)} id_weights for {k} references; give one weight per "
+                                 f"reference.")
+            emb, faces = self.identities(refs, embeddings, cfg.face_indices)
+            self.adapter.check_deployed_schedule(schedule, cfg.task)  # warns when training injected otherwise
+            p = next(self.adapter.parameters())
+            cond = self.adapter.condition(emb[None].to(p.device, p.dtype), weight=cfg.weight, schedule=schedule,
+                                          id_weights=cfg.id_weights)
+            kwargs["attention_kwargs"] = {KWARG: cond}
+            attach = self.adapter.attach(self.pipe.transformer)
+            meta.update({"schedule": schedule.to_dict(), "weight": cfg.weight,
+                         "id_weights": None if cfg.id_weights is None else [float(w) for w in cfg.id_weights],
+                         "faces": faces, "adapter": {"id_dim": self.adapter.config.id_dim, "max_ids": max_ids}})
+        with attach:
+            if cfg.candidates == 1 and cfg.id_guidance is None:
+                generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+                out = self.pipe(**kwargs, generator=generator, output_type=cfg.output_type)
+                images = list(out.images) if cfg.output_type == "pil" else out.images
+            else:
+                from .training_free import run_training_free
+
+                pixels, extra = run_training_free(self, refs, cfg, kwargs)
+                images, meta = _convert_output(pixels, cfg.output_type), {**meta, **extra}
+        return IdGlowResult(images, meta)
 
     @staticmethod
     def _static_prompt(task: str, k: int) -> str:
         from .prompting import static_prompt
 
         return static_prompt(task, k)
+
+
+def _convert_output(pixels: torch.Tensor, output_type: str):
+    """``[B, 3, H, W]`` in [0, 1] -> what ``output_type`` asks for (as diffusers' postprocess)."""
+    if output_type == "pt":
+        return pixels
+    arr = pixels.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return arr
+    from PIL import Image
+
+    return [Image.fromarray((a * 255).round().clip(0, 255).astype(np.uint8)) for a in arr]

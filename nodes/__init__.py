@@ -1,6 +1,7 @@
 """The IdGlow ComfyUI node pack (V3 schema API). Imported by ComfyUI through the repository's ``__init__.py``.
 
-Node classes live in ``face_nodes``, ``schedule_nodes``, ``model_nodes`` and ``score_nodes``; the ComfyUI-free
+Node classes live in ``face_nodes``, ``schedule_nodes``, ``model_nodes``, ``score_nodes``, ``search_nodes`` and
+``guidance_node`` (identity without an adapter); the ComfyUI-free
 logic they call is in the ``_*.py`` modules (tested without ComfyUI); ``vlm.py`` holds the prompt-enricher nodes.
 """
 from __future__ import annotations
@@ -21,14 +22,17 @@ from ._comfy import register_model_folders
 register_model_folders()
 
 from .face_nodes import IdGlowFaceAnalyzerLoader, IdGlowFaceSim, IdGlowMultiIDEncode  # noqa: E402
+from .guidance_node import IdGlowIdentityGuidance  # noqa: E402
 from .model_nodes import IdGlowAdapterLoader, IdGlowApply, IdGlowApplyAdvanced  # noqa: E402
 from .schedule_nodes import IdGlowSchedule, IdGlowStaticPrompt  # noqa: E402
 from .score_nodes import IdGlowAestheticScore  # noqa: E402
+from .search_nodes import IdGlowSeedSearch, IdGlowSelectBest  # noqa: E402
 from .vlm import NODES as VLM_NODES  # noqa: E402
 
 NODES: list[type[io.ComfyNode]] = [
     IdGlowFaceAnalyzerLoader, IdGlowMultiIDEncode, IdGlowAdapterLoader, IdGlowSchedule, IdGlowApply,
     IdGlowApplyAdvanced, IdGlowStaticPrompt, IdGlowFaceSim, IdGlowAestheticScore,
+    IdGlowSelectBest, IdGlowSeedSearch, IdGlowIdentityGuidance,
 ]
 
 

@@ -244,3 +244,24 @@ def run_prompt(prompt: dict) -> tuple[dict, list]:
     failures = [m[1] for m in executor.status_messages if m[0] == "execution_error"]
     assert executor.success, failures[0]["exception_message"] if failures else executor.status_messages
     return executor.history_result["outputs"], stub.messages
+
+
+def build_tiny_vae(dim: int = 8, seed: int = 0):
+    """A small random Wan 2.1 VAE (the Qwen-Image VAE family) as a ``comfy.sd.VAE``: ComfyUI reads the width from
+    ``decoder.head.0.gamma``, so ``dim`` 8 instead of 96 gives ~0.9 M parameters (x8 spatial, 16 channels)."""
+    import torch
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    net = comfy.ldm.wan.vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True])
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in net.state_dict().items():  # comfy.ops layers are created uninitialised
+        if name.endswith("gamma"):
+            sd[name] = torch.ones(p.shape)
+        elif name.endswith("bias"):
+            sd[name] = torch.zeros(p.shape)
+        else:
+            sd[name] = torch.randn(p.shape, generator=gen) / max(1, p[0].numel()) ** 0.5
+    return comfy.sd.VAE(sd=sd)

@@ -3,7 +3,12 @@
     python -m idglow_core generate --model DIR_OR_HF_ID --adapter idglow.safetensors \\
         --refs a.jpg b.jpg --task group --out out.png --seed 0 [--steps 40]
 
-Writes the image atomically and ``out.json`` next to it (schedule, weights, prompt, faces used).
+Without ``--adapter`` the base model runs; identity then comes from the training-free options:
+``--candidates N [--keep M] [--prune-at T]`` (Hungarian best-of-N / seed search with early pruning, needs a face
+backend) and ``--id-guidance STRENGTH`` (identity guidance in the Omega(t) window, needs insightface buffalo_l).
+
+Writes the image atomically and ``out.json`` next to it (schedule, weights, prompt, faces used, the search's
+ranking and step log). With ``--keep M > 1`` the other kept images go to ``out-2.png`` ... ``out-M.png``.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ log = logging.getLogger("idglow")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Qwen-Image-Edit-2511 folder (diffusers layout) or HF id")
-    parser.add_argument("--adapter", required=True, help="IdGlow adapter .safetensors")
+    parser.add_argument("--adapter", default=None, help="IdGlow adapter .safetensors (default: none, base model)")
     parser.add_argument("--refs", nargs="+", required=True, help="reference portraits, one per person, left to right")
     parser.add_argument("--task", default="group", choices=["group", "age"],
                         help="group = direct group fusion (anneal); age = the same people as children (gate)")
@@ -42,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-model-dir", default=None, help="insightface buffalo_l folder")
     parser.add_argument("--embeddings", default=None, help="precomputed [k, d] face embeddings (.npy) instead "
                                                            "of detecting faces")
+    parser.add_argument("--candidates", type=int, default=1, help="best-of-N: seeds seed .. seed+N-1, ranked by "
+                                                                      "Hungarian FaceSim (idglow_core.bestof)")
+    parser.add_argument("--keep", type=int, default=1, help="how many of the candidates to finish and save")
+    parser.add_argument("--prune-at", type=float, default=None,
+                        help="seed search: flow time t_p in (0, 1) at which the candidates' one-step estimates are "
+                             "scored; only --keep of them are finished")
+    parser.add_argument("--id-guidance", type=float, default=0.0,
+                        help="identity guidance strength (latent L2 step at Omega = 1; 0 = off). Needs insightface")
+    parser.add_argument("--guidance-schedule", default=None,
+                        help="Omega(t) of the guidance (default: the task's), e.g. 'gate(lo=0.3,hi=0.6)'")
+    parser.add_argument("--guidance-margin", type=int, default=4, help="latent cells around each face window")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="default: bf16 on cuda, fp32 on cpu")
@@ -75,17 +91,30 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--embeddings {args.embeddings}: cannot read it as a .npy array ({exc}). Save the "
                              f"[k, d] embeddings with numpy.save.") from None
         check_finite(embeddings, f"--embeddings {args.embeddings}", "Recompute them; rows are references in order.")
+    guidance = None
+    if args.id_guidance > 0:
+        from ..guidance import GuidanceConfig
+        guidance = GuidanceConfig(strength=args.id_guidance, schedule=args.guidance_schedule,
+                                  margin=args.guidance_margin)
     config = GenerateConfig(task=args.task, prompt=args.prompt, negative_prompt=args.negative_prompt,
                             weight=args.weight, id_weights=args.id_weights, schedule=args.schedule,
                             steps=args.steps, true_cfg_scale=args.cfg, height=args.height, width=args.width,
-                            seed=args.seed)
+                            seed=args.seed, candidates=args.candidates, keep=args.keep, prune_at=args.prune_at,
+                            id_guidance=guidance)
+    needs_faces = embeddings is None or args.candidates > 1 or guidance is not None
+    if args.adapter is None and not needs_faces:
+        log.warning("No --adapter, --candidates or --id-guidance: this is plain Qwen-Image-Edit sampling")
     pipe = IdGlowPipeline.from_pretrained(args.model, args.adapter, device=args.device, dtype=dtype,
-                                          face_backend="none" if embeddings is not None else args.face_backend,
+                                          face_backend=args.face_backend if needs_faces else "none",
                                           face_model_dir=args.face_model_dir)
     result = pipe(args.refs, config, embeddings=embeddings)
-    save_image_atomic(np.asarray(result.images[0]), out)
+    paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(2, len(result.images) + 1)]
+    for image, path in zip(result.images, paths):
+        save_image_atomic(np.asarray(image), path)
     meta = {**result.metadata, "refs": [str(r) for r in args.refs], "model": str(args.model),
-            "adapter": {**result.metadata["adapter"], "path": str(args.adapter)}}
+            "images": [str(p) for p in paths]}
+    if args.adapter is not None:
+        meta["adapter"] = {**result.metadata["adapter"], "path": str(args.adapter)}
     _write_json_atomic(meta, out.with_suffix(".json"))
     log.info("Wrote %s and %s", out, out.with_suffix(".json"))
     return 0
