@@ -167,7 +167,7 @@ def test_sft_trains_without_the_text_encoder_on_lazy_encodings(tmp_path, monkeyp
     sft.run_sft(cfg, analyzer=OneFaceAnalyzer())
     assert seen["loaded_te"] and seen["te_alive"] is False
     first = seen["samples"]
-    assert isinstance(first, LazyEncodings) and len(first) == 2
+    assert isinstance(first.items, LazyEncodings) and len(first) == 2   # task-tagged, read lazily
     assert len(list((tmp_path / "run" / "cache").glob("*.safetensors"))) == 2  # default cache: <output>/cache
     cfg.run.overwrite = True  # a rerun: every prompt is cached, so the text encoder is never loaded
     sft.run_sft(cfg, analyzer=OneFaceAnalyzer())
