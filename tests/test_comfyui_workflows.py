@@ -15,6 +15,7 @@ import comfy_helpers as ch
 WORKFLOWS = sorted(p.name for p in (ch.REPO / "workflows").glob("*.json"))
 TASK1, TASK2, SCORING = "IdGlow group photo (Task 1).json", "IdGlow group as children (Task 2).json", \
     "IdGlow FaceSim score.json"
+TRAINING_FREE = "IdGlow training-free identity (no adapter).json"
 # Inputs naming files a user supplies (model files, input images): absent here, so these errors are expected.
 FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "adapter_name", "image", "model"}
 FILE_ERRORS = {"value_not_in_list", "custom_validation_failed"}  # the latter: LoadImage's "Invalid image file"
@@ -55,6 +56,13 @@ def test_workflow_converts_and_validates_except_missing_files(info, name):
         ksampler = next(p for p in prompt.values() if p["class_type"] == "KSampler")["inputs"]
         assert {ksampler["positive"][0], ksampler["negative"][0]} == set(methods)   # 2511 as trained:
         assert all(m["inputs"]["reference_latents_method"] == "index_timestep_zero" for m in methods.values())
+    elif name == TRAINING_FREE:   # no adapter; guidance bypassed, so the shifted base MODEL feeds the seed search
+        assert "IdGlowAdapterLoader" not in types and "IdGlowApply" not in types
+        search = next(p for p in prompt.values() if p["class_type"] == "IdGlowSeedSearch")["inputs"]
+        assert prompt[search["model"][0]]["class_type"] == "ModelSamplingAuraFlow"
+        assert "IdGlowIdentityGuidance" not in types and any(
+            n["type"] == "IdGlowIdentityGuidance" and n["mode"] == 4 for n in workflow["nodes"])
+        assert {"IdGlowFaceSim", "PreviewAny", "SaveImage"} <= types
     else:   # scoring: every FaceSim output on a display node; the aesthetic branch bypassed (not queued)
         facesim = next(k for k, p in prompt.items() if p["class_type"] == "IdGlowFaceSim")
         shown = {p["inputs"]["source"][1] for p in prompt.values()

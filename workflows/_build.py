@@ -370,10 +370,84 @@ def _scoring(object_info: dict, uid: str) -> dict:
     return g.to_json(uid)
 
 
+def _training_free(object_info: dict, uid: str) -> dict:
+    """Identity on the base model, no adapter: the native 2511 graph, Hungarian seed search with early pruning
+    (N candidates to t_p, the best M finished), identity guidance (bypassed: it needs insightface's ArcFace) and
+    the FaceSim of the results shown."""
+    g = Graph(object_info)
+    unet = g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET))
+    clip = g.add("CLIPLoader", {"clip_name": CLIP, "type": "qwen_image", "device": "default"}, models=_models(CLIP))
+    vae = g.add("VAELoader", {"vae_name": VAE}, models=_models(VAE))
+    portraits = _reference_portraits(g)
+    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
+    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    schedule = g.add("IdGlowSchedule", {"preset": "anneal", "tau": 0.3, "lo": 0.3, "hi": 0.6})
+    guidance = g.add("IdGlowIdentityGuidance", {"strength": 1.0, "margin": 4}, mode=4)
+    guide_note = g.note("Identity guidance (bypassed): moves each step's estimate along the gradient of the "
+                        "Hungarian ID loss inside the schedule's window, through the VAE decoder and ArcFace only. "
+                        "It needs insightface buffalo_l (det_10g.onnx + w600k_r50.onnx in models/insightface); "
+                        "with them, select it and press Ctrl+B. With an IdGlow adapter, put IdGlow Apply before it.",
+                        "Identity guidance (optional)", size=(320, 210))
+    prompt = g.add("IdGlowStaticPrompt", {"task": "group", "subjects": 2})
+    positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
+    negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
+    methods = [g.add("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": "index_timestep_zero"},
+                     title=f"Reference method ({which})") for which in ("positive", "negative")]
+    shift = g.add("ModelSamplingAuraFlow", {"shift": 3.1})
+    latent = g.add("EmptySD3LatentImage", {"width": 1344, "height": 896, "batch_size": 1})
+    search = g.add("IdGlowSeedSearch", {"seed": 42, "candidates": 8, "keep": 2, "prune_at": 0.6, "steps": 40,
+                                        "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"})
+    decode = g.add("VAEDecode")
+    search_report = g.add("PreviewAny", title="Seed search report", size=(320, 200))
+    save = g.add("SaveImage", {"filename_prefix": "idglow_training_free"}, size=(400, 400))
+    facesim = g.add("IdGlowFaceSim", size=(400, 120))
+    shown = g.add("PreviewAny", title="FaceSim report", size=(400, 200))
+    annotated = g.add("PreviewImage", title="Matched faces", size=(400, 400))
+    g.link(unet, 0, shift, "model")
+    g.link(shift, 0, guidance, "model")
+    for name, src in (("vae", vae), ("ids", encode), ("analyzer", analyzer), ("schedule", schedule)):
+        g.link(src, 0, guidance, name)
+    g.link(analyzer, 0, encode, "analyzer")
+    for i, p in enumerate(portraits):
+        g.link(p, "IMAGE", encode, f"image{i + 1}")
+        g.link(p, "IMAGE", positive, f"image{i + 1}")
+        g.link(p, "IMAGE", negative, f"image{i + 1}")
+    g.link(encode, "ids", prompt, "ids")
+    g.link(prompt, "prompt", positive, "prompt")
+    for enc, method in zip((positive, negative), methods):
+        g.link(clip, 0, enc, "clip")
+        g.link(vae, 0, enc, "vae")
+        g.link(enc, 0, method, "conditioning")
+    g.link(guidance, 0, search, "model")   # bypassed: the shifted MODEL passes straight through
+    g.link(methods[0], 0, search, "positive")
+    g.link(methods[1], 0, search, "negative")
+    g.link(latent, 0, search, "latent_image")
+    g.link(vae, 0, search, "vae")
+    g.link(encode, "ids", search, "ids")
+    g.link(analyzer, 0, search, "analyzer")
+    g.link(search, "latent", decode, "samples")
+    g.link(search, "report", search_report, "source")
+    g.link(vae, 0, decode, "vae")
+    g.link(decode, 0, save, "images")
+    g.link(analyzer, 0, facesim, "analyzer")
+    g.link(decode, 0, facesim, "images")
+    g.link(encode, "ids", facesim, "ids")
+    g.link(facesim, "report", shown, "source")
+    g.link(facesim, "annotated", annotated, "images")
+    g.column(("Models", "models", [unet, clip, vae]))
+    g.column(("Identities", "identities", [tuple(portraits), analyzer, encode]))
+    g.column(("Identity guidance (optional, bypassed)", "optional", [guide_note, schedule, guidance]))
+    g.column(("Prompt", "prompt", [prompt, positive, negative, *methods]))
+    g.column(("Seed search", "sampling", [shift, latent, search, decode, search_report]))
+    g.column(("Output", "output", [save, facesim, shown, annotated]))
+    return g.to_json(uid)
+
+
 # File names are what the frontend's template browser shows as each template's title (and, with '-' and '_' read
 # as spaces, its description); each has a '<name>.jpg' thumbnail beside it (workflows/_measure.py).
 TASK1, TASK2, SCORING = ("IdGlow group photo (Task 1).json", "IdGlow group as children (Task 2).json",
                          "IdGlow FaceSim score.json")
+TRAINING_FREE = "IdGlow training-free identity (no adapter).json"
 
 
 def build_all(object_info: dict) -> dict[str, dict]:
@@ -382,6 +456,7 @@ def build_all(object_info: dict) -> dict[str, dict]:
         TASK1: _generation(object_info, "group", "1d61057a-0000-4000-8000-000000000001"),
         TASK2: _generation(object_info, "age", "1d61057a-0000-4000-8000-000000000002"),
         SCORING: _scoring(object_info, "1d61057a-0000-4000-8000-000000000003"),
+        TRAINING_FREE: _training_free(object_info, "1d61057a-0000-4000-8000-000000000004"),
     }
 
 
@@ -402,7 +477,8 @@ Model folders (inside `ComfyUI/models/`; extra locations via `extra_model_paths.
 
 Shared workflows (drag a file onto the ComfyUI canvas, or open the pack's templates: Templates -> Extensions ->
 ComfyUI-IdGlow): `workflows/IdGlow group photo (Task 1).json`, `workflows/IdGlow group as children (Task 2).json`,
-`workflows/IdGlow FaceSim score.json`. Qwen-Image-Edit-2511 needs ComfyUI 0.5 or newer (its reference method
+`workflows/IdGlow FaceSim score.json`, `workflows/IdGlow training-free identity (no adapter).json`.
+Qwen-Image-Edit-2511 needs ComfyUI 0.5 or newer (its reference method
 `index_timestep_zero`, set by the Edit Model Reference Method nodes in the workflows; tested with 0.8.0).
 
 Tests against a real ComfyUI (`tests/test_comfyui*.py`, skipped when `COMFYUI_DIR` is unset) need a ComfyUI
