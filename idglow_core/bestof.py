@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import InputError
+from .faces.base import reference_matrix
 from .facesim import FaceSimResult, match_identities
 
 __all__ = ["CandidateScore", "score_candidates", "rank_candidates", "ranking_report"]
@@ -71,13 +72,7 @@ def score_candidates(analyzer, references, images: Sequence[np.ndarray],
                      on_image: Callable[[], None] | None = None) -> list[CandidateScore]:
     """Score B candidates. analyzer: a face backend; references: ``[k, d]`` embeddings from the same backend;
     images: B ``[H, W, 3]`` uint8 RGB; aesthetic: optional B scores. Returns B scores in input order."""
-    refs = np.asarray(references.detach().cpu() if hasattr(references, "detach") else references, np.float64)
-    if refs.ndim != 2 or refs.shape[0] == 0:
-        raise InputError(f"Reference embeddings must be [k, d] with k >= 1, got {tuple(refs.shape)}.")
-    if refs.shape[1] != analyzer.embedding_dim:
-        raise InputError(f"The references are {refs.shape[1]}-d but the '{analyzer.name}' analyzer makes "
-                         f"{analyzer.embedding_dim}-d embeddings. Encode the references with the analyzer that "
-                         f"scores the candidates.")
+    refs = reference_matrix(references, analyzer)
     if aesthetic is not None and len(aesthetic) != len(images):
         raise InputError(f"{len(aesthetic)} aesthetic scores for {len(images)} candidates; give one per image.")
     out = []

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from idglow_core.errors import InputError
 from idglow_core.faces import Face, FaceAnalyzer, pick_face
 from idglow_core.faces.align import norm_crop
+from idglow_core.faces.base import reference_matrix
 from idglow_core.facesim import FaceSimResult, match_identities
 
 __all__ = ["IdentitySet", "encode_identities", "FaceSimSummary", "score_images", "annotate", "PALETTE"]
@@ -95,17 +95,12 @@ class FaceSimSummary:
 def score_images(analyzer: FaceAnalyzer, references: torch.Tensor, images: Sequence[np.ndarray],
                  on_image: Callable[[], None] | None = None) -> FaceSimSummary:
     """references: ``[k, d]`` unit embeddings; images: B generated ``[H, W, 3]`` uint8 images."""
-    if references.ndim != 2 or references.shape[0] == 0:
-        raise InputError(f"Reference embeddings must be [k, d] with k >= 1, got {tuple(references.shape)}.")
-    if references.shape[1] != analyzer.embedding_dim:
-        raise InputError(f"The reference identities are {references.shape[1]}-d but the '{analyzer.name}' analyzer "
-                         f"makes {analyzer.embedding_dim}-d embeddings. Encode the references with the same face "
-                         f"analyzer that scores the images.")
+    refs = reference_matrix(references, analyzer)
     results, all_faces = [], []
     for image in images:
         faces = analyzer.analyze(image)
-        gen = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, references.shape[1]))
-        results.append(match_identities(references.double().numpy(), gen))  # Eq. 2 per image
+        gen = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, refs.shape[1]))
+        results.append(match_identities(refs, gen))  # Eq. 2 per image
         all_faces.append(faces)
         if on_image is not None:
             on_image()

@@ -242,13 +242,40 @@ def _reference_portraits(g: Graph, count: int = 2) -> list[dict]:
             for i in range(count)]
 
 
+def _model_loaders(g: Graph) -> tuple[dict, dict, dict]:
+    """The native Qwen-Image-Edit-2511 loaders (DiT, text encoder, VAE), each offering its file to download."""
+    return (g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET)),
+            g.add("CLIPLoader", {"clip_name": CLIP, "type": "qwen_image", "device": "default"}, models=_models(CLIP)),
+            g.add("VAELoader", {"vae_name": VAE}, models=_models(VAE)))
+
+
+def _edit_prompt(g: Graph, task: str, clip: dict, vae: dict, portraits: list[dict], encode: dict) -> list[dict]:
+    """The static prompt for the identities, both TextEncodeQwenImageEditPlus (the portraits as Picture 1, 2...)
+    and the 2511 reference method on each. Returns the nodes, the last two being the positive / negative
+    conditioning for the sampler."""
+    prompt = g.add("IdGlowStaticPrompt", {"task": task, "subjects": len(portraits)})
+    positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
+    negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
+    # Qwen-Image-Edit-2511 was trained with its reference latents at timestep zero (ComfyUI >= 0.5).
+    methods = [g.add("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": "index_timestep_zero"},
+                     title=f"Reference method ({which})") for which in ("positive", "negative")]
+    for i, p in enumerate(portraits):
+        g.link(p, "IMAGE", positive, f"image{i + 1}")
+        g.link(p, "IMAGE", negative, f"image{i + 1}")
+    g.link(encode, "ids", prompt, "ids")
+    g.link(prompt, "prompt", positive, "prompt")
+    for enc, method in zip((positive, negative), methods):
+        g.link(clip, 0, enc, "clip")
+        g.link(vae, 0, enc, "vae")
+        g.link(enc, 0, method, "conditioning")
+    return [prompt, positive, negative, *methods]
+
+
 def _generation(object_info: dict, task: str, uid: str) -> dict:
     """Task 1 ('group') or Task 2 ('age'): k = 2 portraits -> IdGlow-patched Qwen-Image-Edit-2511 -> one image."""
     g = Graph(object_info)
-    unet = g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET))
+    unet, clip, vae = _model_loaders(g)
     shift = g.add("ModelSamplingAuraFlow", {"shift": 3.1})
-    clip = g.add("CLIPLoader", {"clip_name": CLIP, "type": "qwen_image", "device": "default"}, models=_models(CLIP))
-    vae = g.add("VAELoader", {"vae_name": VAE}, models=_models(VAE))
     portraits = _reference_portraits(g)
     analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
     encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
@@ -261,12 +288,7 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
                                         "lo": 0.3, "hi": 0.6})
     apply = g.add("IdGlowApply", {"weight": 1.0})
     plot_preview = g.add("PreviewImage", title="Omega(t) plot (muted; Ctrl+M to show)", size=(320, 220), mode=2)
-    prompt = g.add("IdGlowStaticPrompt", {"task": task, "subjects": 2})
-    positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
-    negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
-    # Qwen-Image-Edit-2511 was trained with its reference latents at timestep zero (ComfyUI >= 0.5).
-    methods = [g.add("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": "index_timestep_zero"},
-                     title=f"Reference method ({which})") for which in ("positive", "negative")]
+    prompt_nodes = _edit_prompt(g, task, clip, vae, portraits, encode)
     latent = g.add("EmptySD3LatentImage", {"width": 1344, "height": 896, "batch_size": 1})
     sampler = g.add("KSampler", {"seed": 42, "steps": 40, "cfg": 4.0, "sampler_name": "euler",
                                  "scheduler": "simple", "denoise": 1.0})
@@ -281,20 +303,12 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
     g.link(analyzer, 0, encode, "analyzer")
     for i, p in enumerate(portraits):
         g.link(p, "IMAGE", encode, f"image{i + 1}")
-        g.link(p, "IMAGE", positive, f"image{i + 1}")
-        g.link(p, "IMAGE", negative, f"image{i + 1}")
     g.link(adapter, 0, apply, "adapter")
     g.link(encode, "ids", apply, "ids")
     g.link(schedule, "schedule", apply, "schedule")
-    g.link(encode, "ids", prompt, "ids")
-    g.link(prompt, "prompt", positive, "prompt")
-    for enc, method in zip((positive, negative), methods):
-        g.link(clip, 0, enc, "clip")
-        g.link(vae, 0, enc, "vae")
-        g.link(enc, 0, method, "conditioning")
     g.link(apply, 0, sampler, "model")
-    g.link(methods[0], 0, sampler, "positive")
-    g.link(methods[1], 0, sampler, "negative")
+    g.link(prompt_nodes[-2], 0, sampler, "positive")
+    g.link(prompt_nodes[-1], 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
     g.link(sampler, 0, decode, "samples")
     g.link(vae, 0, decode, "vae")
@@ -308,7 +322,7 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
         g.column(models)
     g.column(("Identities", "identities", [tuple(portraits), analyzer, encode, faces_preview]))
     g.column(("IdGlow", "idglow", [adapter, schedule, apply, plot_preview]))
-    g.column(("Prompt", "prompt", [prompt, positive, negative, *methods]))
+    g.column(("Prompt", "prompt", prompt_nodes))
     g.column(("Sampling", "sampling", [shift, latent, sampler, decode]))
     g.column(("Output", "output", [save, note]))
     return g.to_json(uid)
@@ -375,9 +389,7 @@ def _training_free(object_info: dict, uid: str) -> dict:
     (N candidates to t_p, the best M finished), identity guidance (bypassed: it needs insightface's ArcFace) and
     the FaceSim of the results shown."""
     g = Graph(object_info)
-    unet = g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET))
-    clip = g.add("CLIPLoader", {"clip_name": CLIP, "type": "qwen_image", "device": "default"}, models=_models(CLIP))
-    vae = g.add("VAELoader", {"vae_name": VAE}, models=_models(VAE))
+    unet, clip, vae = _model_loaders(g)
     portraits = _reference_portraits(g)
     analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
     encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
@@ -388,11 +400,7 @@ def _training_free(object_info: dict, uid: str) -> dict:
                         "It needs insightface buffalo_l (det_10g.onnx + w600k_r50.onnx in models/insightface); "
                         "with them, select it and press Ctrl+B. With an IdGlow adapter, put IdGlow Apply before it.",
                         "Identity guidance (optional)", size=(320, 210))
-    prompt = g.add("IdGlowStaticPrompt", {"task": "group", "subjects": 2})
-    positive = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Positive", size=(400, 160))
-    negative = g.add("TextEncodeQwenImageEditPlus", {"prompt": ""}, title="Negative", size=(400, 160))
-    methods = [g.add("FluxKontextMultiReferenceLatentMethod", {"reference_latents_method": "index_timestep_zero"},
-                     title=f"Reference method ({which})") for which in ("positive", "negative")]
+    prompt_nodes = _edit_prompt(g, "group", clip, vae, portraits, encode)
     shift = g.add("ModelSamplingAuraFlow", {"shift": 3.1})
     latent = g.add("EmptySD3LatentImage", {"width": 1344, "height": 896, "batch_size": 1})
     search = g.add("IdGlowSeedSearch", {"seed": 42, "candidates": 8, "keep": 2, "prune_at": 0.6, "steps": 40,
@@ -410,17 +418,9 @@ def _training_free(object_info: dict, uid: str) -> dict:
     g.link(analyzer, 0, encode, "analyzer")
     for i, p in enumerate(portraits):
         g.link(p, "IMAGE", encode, f"image{i + 1}")
-        g.link(p, "IMAGE", positive, f"image{i + 1}")
-        g.link(p, "IMAGE", negative, f"image{i + 1}")
-    g.link(encode, "ids", prompt, "ids")
-    g.link(prompt, "prompt", positive, "prompt")
-    for enc, method in zip((positive, negative), methods):
-        g.link(clip, 0, enc, "clip")
-        g.link(vae, 0, enc, "vae")
-        g.link(enc, 0, method, "conditioning")
     g.link(guidance, 0, search, "model")   # bypassed: the shifted MODEL passes straight through
-    g.link(methods[0], 0, search, "positive")
-    g.link(methods[1], 0, search, "negative")
+    g.link(prompt_nodes[-2], 0, search, "positive")
+    g.link(prompt_nodes[-1], 0, search, "negative")
     g.link(latent, 0, search, "latent_image")
     g.link(vae, 0, search, "vae")
     g.link(encode, "ids", search, "ids")
@@ -437,7 +437,7 @@ def _training_free(object_info: dict, uid: str) -> dict:
     g.column(("Models", "models", [unet, clip, vae]))
     g.column(("Identities", "identities", [tuple(portraits), analyzer, encode]))
     g.column(("Identity guidance (optional, bypassed)", "optional", [guide_note, schedule, guidance]))
-    g.column(("Prompt", "prompt", [prompt, positive, negative, *methods]))
+    g.column(("Prompt", "prompt", prompt_nodes))
     g.column(("Seed search", "sampling", [shift, latent, search, decode, search_report]))
     g.column(("Output", "output", [save, facesim, shown, annotated]))
     return g.to_json(uid)

@@ -13,7 +13,8 @@ import numpy as np
 
 from ..errors import InputError, NoFaceError
 
-__all__ = ["Face", "FaceAnalyzer", "sort_left_to_right", "pick_face", "DETECT_MAX_SIDE", "downscale_for_detection"]
+__all__ = ["Face", "FaceAnalyzer", "sort_left_to_right", "pick_face", "DETECT_MAX_SIDE", "downscale_for_detection",
+           "reference_matrix"]
 
 # Working size of detection: a larger image is downscaled to this long side for the detector only (the
 # landmarks, the crop and the embedding use the full-resolution image). A 24 MP photo at full size costs dlib
@@ -89,3 +90,16 @@ def pick_face(faces: Sequence[Face], index: int | None = None, *, label: str = "
                          f"found (indices 0..{len(faces) - 1}, left to right). Pick a valid index or leave it "
                          f"unset to use the largest face.")
     return faces[index]
+
+
+def reference_matrix(references, analyzer: "FaceAnalyzer") -> np.ndarray:
+    """Reference identities as a ``[k, d]`` float64 array, checked against the analyzer that will score images
+    with them (k >= 1, d = its embedding size). references: ``[k, d]`` tensor or array."""
+    refs = np.asarray(references.detach().cpu() if hasattr(references, "detach") else references, np.float64)
+    if refs.ndim != 2 or refs.shape[0] == 0:
+        raise InputError(f"Reference embeddings must be [k, d] with k >= 1, got {tuple(refs.shape)}.")
+    if refs.shape[1] != analyzer.embedding_dim:
+        raise InputError(f"The reference identities are {refs.shape[1]}-d but the '{analyzer.name}' analyzer makes "
+                         f"{analyzer.embedding_dim}-d embeddings. Encode the references with the same face analyzer "
+                         f"that scores the images.")
+    return refs
