@@ -69,6 +69,7 @@ class GenerateConfig:
     candidates: int = 1                          # best-of-N: seeds seed .. seed + N - 1 (idglow_core.bestof)
     keep: int = 1                                # how many of them are finished and returned, best first
     prune_at: float | None = None                # flow time t_p: score at t_p, finish only `keep` (seedsearch)
+    sequential: bool = False                     # one candidate per DiT call (as IdGlowSeedSearch): same images
     id_guidance: Any = None                      # a guidance.GuidanceConfig: identity guidance in Omega(t)
 
     def __post_init__(self) -> None:

@@ -122,15 +122,16 @@ def tiny_text_encoder(tokenizer, hidden: int = 16, seed: int = 0):
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
 
 
-def tiny_edit_pipeline(text_encoder: bool = True, num_layers: int = 2, seed: int = 0):
-    """A ``QwenImageEditPlusPipeline`` of tiny random parts on CPU, progress bar off.
+def tiny_edit_pipeline(text_encoder: bool = True, num_layers: int = 2, seed: int = 0, heads: int = 3):
+    """A ``QwenImageEditPlusPipeline`` of tiny random parts on CPU, progress bar off (DiT inner dim
+    ``heads * 16``: more heads make the DiT the larger part of the cost, as at real size).
 
     ``text_encoder=False`` leaves text encoder, tokenizer and processor out: call it with ``prompt_embeds``
     ``[1, L, 16]`` and ``prompt_embeds_mask`` instead of a prompt.
     """
     from diffusers import QwenImageEditPlusPipeline
 
-    parts = dict(transformer=tiny_transformer(num_layers=num_layers, seed=seed), vae=tiny_vae(seed),
+    parts = dict(transformer=tiny_transformer(num_layers=num_layers, heads=heads, seed=seed), vae=tiny_vae(seed),
                  scheduler=tiny_scheduler(), text_encoder=None, tokenizer=None, processor=None)
     if text_encoder:
         tok = tiny_tokenizer()

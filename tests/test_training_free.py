@@ -101,6 +101,38 @@ def test_keep_all_equals_plain_sampling_of_each_seed(pipe, refs):
         assert torch.allclose(image, plain[seed], atol=1e-5)
 
 
+def test_sequential_candidates_give_the_batched_images_one_row_per_call(pipe, refs):
+    """sequential=True (one candidate per call, as the IdGlowSeedSearch node): the same images, ranking and
+    sample-steps as the batched search, every DiT call of batch 1, and the references VAE-encoded once per search."""
+    ip = IdGlowPipeline(pipe, None, OneFaceAnalyzer())
+    counter, pre = RowCounter.install(pipe.transformer)
+    encodes = []
+    vae_hook = pipe.vae.encoder.register_forward_hook(lambda m, a, out: encodes.append(a[0].shape[0]))
+    try:
+        for prune_at in (0.5, None):
+            runs = {}
+            for sequential in (False, True):
+                counter.rows, encodes[:] = 0, []
+                cfg = GenerateConfig(seed=4, candidates=3, keep=2, prune_at=prune_at, sequential=sequential, **FAST)
+                runs[sequential] = (ip(refs, cfg), counter.rows, len(encodes))
+            (batched, rows_b, enc_b), (seq, rows_s, enc_s) = runs[False], runs[True]
+            mb, ms = batched.metadata["training_free"], seq.metadata["training_free"]
+            assert ms["sequential"] and not mb["sequential"]
+            assert ms["kept_seeds"] == mb["kept_seeds"]
+            assert [r["index"] for r in ms["ranking"]] == [r["index"] for r in mb["ranking"]]
+            for a, b in zip(ms["ranking"], mb["ranking"]):         # batched matmuls round differently (~1e-6)
+                assert a["facesim_strict"] == pytest.approx(b["facesim_strict"], abs=1e-4)
+            assert torch.allclose(seq.images, batched.images, atol=1e-5), (seq.images - batched.images).abs().max()
+            expected = 3 * 3 + 2 * 1 if prune_at else 3 * 4
+            assert rows_s == rows_b == ms["accounting"]["pruned_steps"] == expected
+            assert [e["rows"] for e in ms["steps_log"]] == [1] * expected
+            assert enc_s == enc_b == len(refs)        # cached: not once per call
+    finally:
+        counter.handle.remove()
+        pre.remove()
+        vae_hook.remove()
+
+
 # ------------------------------------------------------------------------------------------- identity guidance
 @pytest.fixture(scope="module")
 def arcface():
