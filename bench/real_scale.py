@@ -148,7 +148,10 @@ def train_phase(meter, out, name, step, module, batch, optimizer, autocast) -> N
     with meter.phase(out, name) as row:
         with autocast():
             res = step(module, batch, torch.Generator().manual_seed(1))
-        res.loss.backward()
+            if res.run_backward is not None:  # sequential DPO back-propagates in parts, as the trainer's loop does
+                res.run_backward(lambda loss, last=True: loss.backward())
+        if res.run_backward is None:
+            res.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         row["loss"] = round(float(res.loss), 5)
