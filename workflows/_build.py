@@ -329,11 +329,14 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-# Dropdowns listing the user's model files: their values depend on the machine, so the docs describe them.
+# Dropdowns whose values depend on the machine or the ComfyUI version: the docs describe them.
 FILE_LISTS = {("IdGlowAdapterLoader", "adapter_name"): "a file in models/idglow",
               ("IdGlowAestheticScore", "model"): "a folder in models/aesthetic ('.' = the folder itself)",
               ("IdGlowVLMLoader", "model"): "a model folder in models/LLM or models/text_encoders",
-              ("IdGlowVLMLoader", "lora"): "`none` or a LoRA folder in models/LLM or models/loras"}
+              ("IdGlowVLMLoader", "lora"): "`none` or a LoRA folder in models/LLM or models/loras",
+              # ComfyUI's own lists, which change with its version (NODES.md must not)
+              ("IdGlowSeedSearch", "sampler_name"): "a sampler of this ComfyUI's KSampler; default `euler`",
+              ("IdGlowSeedSearch", "scheduler"): "a scheduler of this ComfyUI's KSampler; default `simple`"}
 
 
 def _input_detail(node_id: str, inp) -> str:
