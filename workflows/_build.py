@@ -73,6 +73,18 @@ def _reference_portraits(g: Graph, count: int = 2) -> list[dict]:
             for i in range(count)]
 
 
+def _identities(g: Graph) -> tuple[list[dict], dict, dict]:
+    """The reference portraits, the face analyzer ('auto': insightface when installed, else dlib) and the
+    Multi-ID encoder they feed, in reference order."""
+    portraits = _reference_portraits(g)
+    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
+    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    g.link(analyzer, 0, encode, "analyzer")
+    for i, p in enumerate(portraits):
+        g.link(p, "IMAGE", encode, f"image{i + 1}")
+    return portraits, analyzer, encode
+
+
 def _model_loaders(g: Graph) -> tuple[dict, dict, dict]:
     """The native Qwen-Image-Edit-2511 loaders (DiT, text encoder, VAE), each offering its file to download."""
     return (g.add("UNETLoader", {"unet_name": UNET, "weight_dtype": "default"}, models=_models(UNET)),
@@ -107,9 +119,7 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
     g = Graph(object_info)
     unet, clip, vae = _model_loaders(g)
     shift = g.add("ModelSamplingAuraFlow", {"shift": 3.1})
-    portraits = _reference_portraits(g)
-    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
-    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    portraits, analyzer, encode = _identities(g)
     # The two previews are muted: an active output that needs no model would let ComfyUI run the graph partly when
     # the models or the adapter are missing, outlining the failed nodes in red but showing no message; with every
     # active output depending on them, a missing file stops the run with a dialog that says what to do.
@@ -131,9 +141,6 @@ def _generation(object_info: dict, task: str, uid: str) -> dict:
                   size=(400, 380))
     g.link(unet, 0, shift, "model")
     g.link(shift, 0, apply, "model")
-    g.link(analyzer, 0, encode, "analyzer")
-    for i, p in enumerate(portraits):
-        g.link(p, "IMAGE", encode, f"image{i + 1}")
     g.link(adapter, 0, apply, "adapter")
     g.link(encode, "ids", apply, "ids")
     g.link(schedule, "schedule", apply, "schedule")
@@ -177,9 +184,7 @@ def _scoring(object_info: dict, uid: str) -> dict:
     run; the aesthetic score as an optional, bypassed branch (it needs models a new user does not have)."""
     g = Graph(object_info)
     generated = g.add("LoadImage", {"image": "idglow_task1_00001_.png"}, title="Generated image", size=(320, 440))
-    portraits = _reference_portraits(g)
-    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
-    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    portraits, analyzer, encode = _identities(g)
     facesim = g.add("IdGlowFaceSim", size=(360, 120))
     shown = {name: g.add("PreviewAny", title=title, size=(360, 110 if name != "report" else 240))
              for name, title in (("facesim_strict", "FaceSim (strict)"), ("facesim_matched", "FaceSim (matched)"),
@@ -196,9 +201,6 @@ def _scoring(object_info: dict, uid: str) -> dict:
                       "sac+logos+ava1-l14-linearMSE.pth and a CLIP ViT-L/14 folder (openai/clip-vit-large-patch14). "
                       "Once they are there, select these two nodes and press Ctrl+B.", "Aesthetic score (optional)",
                       size=(360, 190))
-    g.link(analyzer, 0, encode, "analyzer")
-    for i, p in enumerate(portraits):
-        g.link(p, "IMAGE", encode, f"image{i + 1}")
     g.link(analyzer, 0, facesim, "analyzer")
     g.link(generated, "IMAGE", facesim, "images")
     g.link(encode, "ids", facesim, "ids")
@@ -221,9 +223,7 @@ def _training_free(object_info: dict, uid: str) -> dict:
     the FaceSim of the results shown."""
     g = Graph(object_info)
     unet, clip, vae = _model_loaders(g)
-    portraits = _reference_portraits(g)
-    analyzer = g.add("IdGlowFaceAnalyzerLoader", {"backend": "auto", "provider": "auto", "det_size": 640})
-    encode = g.add("IdGlowMultiIDEncode", {"face": "largest", "face_index": 0})
+    portraits, analyzer, encode = _identities(g)
     schedule = g.add("IdGlowSchedule", {"preset": "anneal", "tau": 0.3, "lo": 0.3, "hi": 0.6})
     guidance = g.add("IdGlowIdentityGuidance", {"strength": 1.0, "margin": 4}, mode=4)
     guide_note = g.note("Identity guidance (bypassed): moves each step's estimate along the gradient of the "
@@ -246,9 +246,6 @@ def _training_free(object_info: dict, uid: str) -> dict:
     g.link(shift, 0, guidance, "model")
     for name, src in (("vae", vae), ("ids", encode), ("analyzer", analyzer), ("schedule", schedule)):
         g.link(src, 0, guidance, name)
-    g.link(analyzer, 0, encode, "analyzer")
-    for i, p in enumerate(portraits):
-        g.link(p, "IMAGE", encode, f"image{i + 1}")
     g.link(guidance, 0, search, "model")   # bypassed: the shifted MODEL passes straight through
     g.link(prompt_nodes[-2], 0, search, "positive")
     g.link(prompt_nodes[-1], 0, search, "negative")
