@@ -13,21 +13,9 @@ from idglow_core.errors import IncompatibleAdapterError, InputError, ModelNotFou
 from idglow_core.faces.base import Face
 from idglow_core.pipeline import GenerateConfig, IdGlowPipeline, load_edit_pipeline
 from idglow_core.schedules import omega
-from idglow_core.testing import random_embeddings, save_tiny_pipeline, small_edit_images, tiny_edit_pipeline
+from idglow_core.testing import random_embeddings, save_tiny_pipeline, small_edit_images
 
 FAST = dict(steps=4, height=32, width=32, output_type="pt", negative_prompt=None)  # sigmas ~1, .74, .42, .02
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    with small_edit_images():
-        yield tiny_edit_pipeline()
-
-
-@pytest.fixture(scope="module")
-def refs():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
 
 
 def _trained(adapter: IdGlowAdapter) -> IdGlowAdapter:

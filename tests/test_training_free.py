@@ -2,7 +2,6 @@
 identity guidance (bit-identical when off, lower final ID loss when on, no gradient into the DiT)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,22 +10,10 @@ from idglow_core.guidance import GuidanceConfig, IdentityGuidance, arcface_for, 
 from idglow_core.pipeline import GenerateConfig, IdGlowPipeline
 from idglow_core.schedules import Schedule
 from idglow_core.seedsearch import split_step, step_accounting
-from idglow_core.testing import OneFaceAnalyzer, small_edit_images, tiny_edit_pipeline
+from idglow_core.testing import OneFaceAnalyzer, small_edit_images
 from idglow_core.training.identity import IdentityLoss, analyzer_detector, tiny_arcface
 
 FAST = dict(steps=4, height=32, width=32, output_type="pt", negative_prompt=None)  # sigmas 1, .74, .42, .02
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    with small_edit_images():
-        yield tiny_edit_pipeline()
-
-
-@pytest.fixture(scope="module")
-def refs():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(2)]
 
 
 class RowCounter:
